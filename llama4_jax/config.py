@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Mapping
 
@@ -28,6 +27,27 @@ class ConfigError(ValueError):
 def _require(cond: bool, field: str, msg: str) -> None:
   if not cond:
     raise ConfigError(f"config field {field!r}: {msg}")
+
+
+def _as_tuple(v) -> tuple[int, ...]:
+  if v is None:
+    return ()
+  if isinstance(v, (list, tuple)):
+    return tuple(int(x) for x in v)
+  return (int(v),)
+
+
+def _rope_scaling_from_dict(d: Mapping[str, Any], where: str) -> RopeScaling | None:
+  kind = d.get("rope_type", d.get("type", "default"))
+  if kind == "default":
+    return None
+  _require(kind == "llama3", where, f"unsupported rope_type {kind!r} (Llama 4 uses 'llama3' or none)")
+  try:
+    return RopeScaling(factor=float(d["factor"]), low_freq_factor=float(d["low_freq_factor"]),
+                       high_freq_factor=float(d["high_freq_factor"]),
+                       original_max_position_embeddings=int(d["original_max_position_embeddings"]))
+  except KeyError as e:
+    raise ConfigError(f"config field {where!r}: llama3 scaling lacks {e.args[0]!r}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,7 +86,7 @@ class TextConfig:
   eos_token_id: tuple[int, ...] = (200001, 200007, 200008)  # end_of_text, eom, eot
   tie_word_embeddings: bool = False  # false for every release
   rope_theta: float = 500000.0  # RoPE base
-  rope_scaling: RopeScaling | None = RopeScaling()  # None = plain RoPE (Maverick)
+  rope_scaling: RopeScaling | None = dataclasses.field(default_factory=lambda: RopeScaling())  # None: plain RoPE
   attention_bias: bool = False  # q/k/v/o biases (false for the release)
   attention_dropout: float = 0.0  # unused at inference
   num_experts_per_tok: int = 1  # top-k of the router
@@ -218,8 +238,8 @@ class VisionConfig:
 class Llama4Config:
   """`Llama4Config` (multimodal) or, with `vision=None`, a text-only `Llama4ForCausalLM`."""
 
-  text: TextConfig = TextConfig()
-  vision: VisionConfig | None = VisionConfig()
+  text: TextConfig = dataclasses.field(default_factory=lambda: TextConfig())
+  vision: VisionConfig | None = dataclasses.field(default_factory=lambda: VisionConfig())
   boi_token_index: int = 200080  # <|image_start|>
   eoi_token_index: int = 200081  # <|image_end|>
   image_token_index: int = 200092  # <|patch|>: the tokens replaced by image features
@@ -318,47 +338,18 @@ PRESETS = {"scout": SCOUT, "maverick": MAVERICK, "tiny-scout": TINY_SCOUT, "tiny
 
 _TEXT_FIELDS = {f.name for f in dataclasses.fields(TextConfig)}
 _VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)}
-# Keys transformers writes that carry no information for us (derived, or bookkeeping).
-_TEXT_IGNORED = {"model_type", "layer_types", "torch_dtype", "dtype", "rope_parameters", "architectures",
-                 "transformers_version", "_name_or_path", "attention_chunk_size_", "cache_implementation"}
-_VISION_IGNORED = {"model_type", "torch_dtype", "dtype", "rope_parameters", "transformers_version"}
 
 
-def _as_tuple(v) -> tuple[int, ...]:
-  if v is None:
-    return ()
-  if isinstance(v, (list, tuple)):
-    return tuple(int(x) for x in v)
-  return (int(v),)
-
-
-def _rope_scaling_from_dict(d: Mapping[str, Any], where: str) -> RopeScaling | None:
-  kind = d.get("rope_type", d.get("type", "default"))
-  if kind == "default":
-    return None
-  _require(kind == "llama3", where, f"unsupported rope_type {kind!r} (Llama 4 uses 'llama3' or none)")
-  try:
-    return RopeScaling(factor=float(d["factor"]), low_freq_factor=float(d["low_freq_factor"]),
-                       high_freq_factor=float(d["high_freq_factor"]),
-                       original_max_position_embeddings=int(d["original_max_position_embeddings"]))
-  except KeyError as e:
-    raise ConfigError(f"config field {where!r}: llama3 scaling lacks {e.args[0]!r}") from None
-
-
-def _pick(d: Mapping[str, Any], fields: set[str], ignored: set[str], where: str, lenient: bool) -> dict:
-  out = {}
-  for k, v in d.items():
-    if k in fields:
-      out[k] = v
-    elif k not in ignored and not lenient:
-      pass  # unknown extra keys (e.g. generation defaults) are tolerated, as transformers does
-  return out
+def _pick(d: Mapping[str, Any], fields: set[str]) -> dict:
+  """The known fields of a config dict; other keys (bookkeeping, generation defaults) are ignored,
+  as transformers does."""
+  return {k: v for k, v in d.items() if k in fields}
 
 
 def _text_from_dict(d: Mapping[str, Any]) -> TextConfig:
   mt = d.get("model_type", "llama4_text")
   _require(mt == "llama4_text", "text_config.model_type", f"expected 'llama4_text', got {mt!r}")
-  kw = _pick(d, _TEXT_FIELDS, _TEXT_IGNORED, "text_config", False)
+  kw = _pick(d, _TEXT_FIELDS)
   rp = d.get("rope_parameters")
   if rp is not None:  # 5.x spelling
     kw["rope_theta"] = float(rp.get("rope_theta", kw.get("rope_theta", 500000.0)))
@@ -387,7 +378,7 @@ def _text_from_dict(d: Mapping[str, Any]) -> TextConfig:
 def _vision_from_dict(d: Mapping[str, Any]) -> VisionConfig:
   mt = d.get("model_type", "llama4_vision_model")
   _require(mt == "llama4_vision_model", "vision_config.model_type", f"expected 'llama4_vision_model', got {mt!r}")
-  kw = _pick(d, _VISION_FIELDS, _VISION_IGNORED, "vision_config", False)
+  kw = _pick(d, _VISION_FIELDS)
   rp = d.get("rope_parameters")
   if rp is not None and "rope_theta" in rp:
     kw["rope_theta"] = float(rp["rope_theta"])
@@ -489,11 +480,3 @@ def save_hf(cfg: Llama4Config, directory: str | os.PathLike, legacy: bool = Fals
     f.write("\n")
   os.replace(tmp, path)
   return path
-
-
-def gcd_period(*xs: int) -> int:
-  """lcm of the layer-pattern periods (documented hint: 4 for Scout and Maverick)."""
-  out = 1
-  for x in xs:
-    out = out * x // math.gcd(out, x)
-  return out

@@ -1,0 +1,59 @@
+"""Shared building blocks: parameter creation with logical axes, the matmul seam, RMSNorm, SwiGLU."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama4_jax.config import Policy
+
+Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+_PRECISION = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
+              "highest": jax.lax.Precision.HIGHEST}
+
+
+def normal(std: float) -> Init:
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def ones(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def zeros(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str], dtype: str) -> nnx.Param:
+  """An `nnx.Param` carrying logical axis names; placement is left to `sharding/`."""
+  assert len(axes) == len(shape), (axes, shape)
+  value = init(rngs.params(), tuple(shape), jnp.dtype(dtype))
+  return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def dtype_of(policy: Policy) -> jnp.dtype:
+  return jnp.dtype(policy.dtype)
+
+
+def einsum(eqn: str, x: jax.Array, w: jax.Array, policy: Policy, out_dtype=None) -> jax.Array:
+  """Every weight matmul of the model goes through here (the seam for FP8 and precision choices)."""
+  dt = dtype_of(policy)
+  return jnp.einsum(eqn, x.astype(dt), w.astype(dt), precision=_PRECISION[policy.matmul_precision],
+                    preferred_element_type=out_dtype or dt).astype(out_dtype or dt)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+  """Normalise in float32, cast back to the activation dtype, then scale (no `1 + w` offset)."""
+  x32 = x.astype(jnp.float32)
+  y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+  return y if weight is None else y * weight.astype(x.dtype)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  return jax.nn.silu(gate) * up

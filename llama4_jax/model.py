@@ -1,0 +1,269 @@
+"""Llama 4 text decoder as thin Flax NNX modules over the pure functions of attention/moe/rope/layers.
+
+Letters: B batch, T length, D hidden, H query heads, K kv heads, d head_dim, F mlp width,
+E experts, I expert width, V vocab, N = B*T tokens.
+
+Layers repeat with period p = `TextConfig.layer_period` (4 for Scout and Maverick: three RoPE/chunked
+layers then one NoPE/global layer; MoE every layer or every other). A `Block` holds p layers; the model
+holds L/p blocks stacked on a leading "layers" axis and runs them with `jax.lax.scan`, so compile time
+does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama4_jax import attention as attn_lib
+from llama4_jax import moe as moe_lib
+from llama4_jax import rope
+from llama4_jax.config import Policy, TextConfig
+from llama4_jax.layers import einsum, normal, ones, param, rms_norm, swiglu
+from sharding import constrain, routed_experts
+
+
+class Context(NamedTuple):
+  """Per-forward data shared by every layer (computed once at the top)."""
+
+  cos: jax.Array  # [B, T, d/2] RoPE angles of the rope positions
+  sin: jax.Array
+  temp: jax.Array  # [B, T] float32 query scale of NoPE layers
+  q_info: attn_lib.TokenInfo
+  k_info: attn_lib.TokenInfo
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, policy: Policy, rngs: nnx.Rngs):
+    self.weight = param(rngs, ones, (dim,), ("norm",), policy.param_dtype)
+    self.eps = eps
+
+  def __call__(self, x):
+    return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention. RoPE layers: interleaved RoPE, optional qk RMS-norm, chunk-local mask.
+  NoPE layers: no positions, temperature-scaled queries, global causal mask."""
+
+  def __init__(self, cfg: TextConfig, use_rope: bool, policy: Policy, rngs: nnx.Rngs):
+    D, H, K, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    init, dt = normal(cfg.initializer_range), policy.param_dtype
+    self.q = param(rngs, init, (D, H, d), ("embed", "q_heads", "head_dim"), dt)
+    self.k = param(rngs, init, (D, K, d), ("embed", "kv_heads", "head_dim"), dt)
+    self.v = param(rngs, init, (D, K, d), ("embed", "kv_heads", "head_dim"), dt)
+    self.o = param(rngs, init, (H, d, D), ("q_heads", "head_dim", "embed"), dt)
+    self.use_rope = use_rope
+    self.qk_norm = cfg.use_qk_norm and use_rope
+    self.temperature = cfg.attn_temperature_tuning and not use_rope
+    self.chunk = cfg.attention_chunk_size if use_rope else None
+    self.eps = cfg.rms_norm_eps
+    self.policy = policy
+
+  def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+    p = self.policy
+    q = constrain(einsum("btd,dhk->bthk", x, self.q[...], p), ("act_batch", "act_seq", "act_heads", None))
+    k = constrain(einsum("btd,dhk->bthk", x, self.k[...], p), ("act_batch", "act_seq", "act_kv_heads", None))
+    v = constrain(einsum("btd,dhk->bthk", x, self.v[...], p), ("act_batch", "act_seq", "act_kv_heads", None))
+    if self.use_rope:
+      q, k = rope.apply(q, ctx.cos, ctx.sin), rope.apply(k, ctx.cos, ctx.sin)
+    if self.qk_norm:
+      q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
+    if self.temperature:
+      q = (q.astype(jnp.float32) * ctx.temp[:, :, None, None]).astype(q.dtype)
+    precision = jax.lax.Precision.HIGHEST if p.matmul_precision == "highest" else None
+    T = x.shape[1]
+    if self.chunk is not None and p.attention_impl == "xla" and T > 2 * self.chunk and ctx.q_info is ctx.k_info:
+      out = attn_lib.chunk_local_attention(q, k, v, ctx.q_info, self.chunk, precision)
+    else:
+      out = attn_lib.attention(q, k, v, ctx.q_info, ctx.k_info, self.chunk, precision)
+    return einsum("bthk,hkd->btd", out, self.o[...], p)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: dense layers (width intermediate_size_mlp) and the shared expert (width I)."""
+
+  def __init__(self, dim: int, width: int, init_std: float, policy: Policy, rngs: nnx.Rngs):
+    init, dt = normal(init_std), policy.param_dtype
+    self.gate = param(rngs, init, (dim, width), ("embed", "mlp"), dt)
+    self.up = param(rngs, init, (dim, width), ("embed", "mlp"), dt)
+    self.down = param(rngs, init, (width, dim), ("mlp", "embed"), dt)
+    self.policy = policy
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.policy
+    h = swiglu(einsum("...d,df->...f", x, self.gate[...], p), einsum("...d,df->...f", x, self.up[...], p))
+    return einsum("...f,fd->...d", h, self.down[...], p)
+
+
+class MoE(nnx.Module):
+  """Sigmoid top-k router, sparse routed experts (score on the expert input), shared expert always on."""
+
+  def __init__(self, cfg: TextConfig, policy: Policy, rngs: nnx.Rngs):
+    D, E, I = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
+    init, dt = normal(cfg.initializer_range), policy.param_dtype
+    self.router = param(rngs, init, (D, E), ("embed", "router"), dt)
+    self.gate_up = param(rngs, init, (E, D, 2, I), ("experts", "embed", "gate_up", "expert_mlp"), dt)
+    self.down = param(rngs, init, (E, I, D), ("experts", "expert_mlp", "embed"), dt)
+    self.shared = MLP(D, I, cfg.initializer_range, policy, rngs)
+    self.top_k = cfg.num_experts_per_tok
+    self.policy = policy
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    B, T, D = x.shape
+    xt = x.reshape(B * T, D)
+    with jax.named_scope("router"):
+      idx, scores, logits = moe_lib.route(xt, self.router[...], self.top_k, self.policy)
+    with jax.named_scope("experts"):
+      experts = moe_lib.EXPERT_IMPLS[self.policy.moe_impl]
+      routed = routed_experts(experts, xt, idx, scores, self.gate_up[...], self.down[...], self.policy)
+    with jax.named_scope("shared_expert"):
+      shared = self.shared(xt)
+    return (shared + routed).reshape(B, T, D), logits
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: TextConfig, use_rope: bool, is_moe: bool, policy: Policy, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy, rngs)
+    self.attn = Attention(cfg, use_rope, policy, rngs)
+    self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy, rngs)
+    if is_moe:
+      self.ffn = MoE(cfg, policy, rngs)
+    else:
+      self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size_mlp, cfg.initializer_range, policy, rngs)
+    self.is_moe = is_moe
+
+  def __call__(self, h: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array | None]:
+    with jax.named_scope("attention"):
+      h = h + self.attn(self.attn_norm(h), ctx)
+    with jax.named_scope("moe" if self.is_moe else "mlp"):
+      out = self.ffn(self.ffn_norm(h))
+    router_logits = None
+    if self.is_moe:
+      out, router_logits = out
+    h = constrain(h + out, ("act_batch", "act_seq", "act_embed"))
+    return h, router_logits
+
+
+class Block(nnx.Module):
+  """One period of the layer pattern (p consecutive layers)."""
+
+  def __init__(self, cfg: TextConfig, policy: Policy, rngs: nnx.Rngs):
+    kinds = cfg.layer_kinds[: cfg.layer_period]
+    self.layers = nnx.List([DecoderLayer(cfg, r, m, policy, rngs) for r, m in kinds])
+
+  def __call__(self, h: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array | None]:
+    router_logits = []
+    for layer in self.layers:
+      h, rl = layer(h, ctx)
+      if rl is not None:
+        router_logits.append(rl)
+    return h, (jnp.stack(router_logits) if router_logits else None)
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass
+class Output:
+  """Forward results: logits [B, T, V] float32, final hidden [B, T, D], router logits of every MoE layer
+  in layer order [L_moe, N, E] float32 (None if the model has no MoE layer)."""
+
+  logits: jax.Array
+  hidden: jax.Array
+  router_logits: jax.Array | None
+
+
+jax.tree_util.register_dataclass(Output, data_fields=["logits", "hidden", "router_logits"], meta_fields=[])
+
+
+class TextModel(nnx.Module):
+  """Embeddings, L decoder layers (scanned blocks), final norm, untied lm_head."""
+
+  def __init__(self, cfg: TextConfig, policy: Policy, rngs: nnx.Rngs):
+    self.cfg, self.policy = cfg, policy
+    init, dt = normal(cfg.initializer_range), policy.param_dtype
+    self.embed = param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+    n_blocks = cfg.num_hidden_layers // cfg.layer_period
+
+    @nnx.split_rngs(splits=n_blocks)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(r):
+      return Block(cfg, policy, r)
+
+    self.blocks = make_blocks(rngs)
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy, rngs)
+    self.lm_head = param(rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+
+  def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+    h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.policy.dtype)
+    return constrain(h, ("act_batch", "act_seq", "act_embed"))
+
+  def context(self, input_ids: jax.Array, attention_mask=None, position_ids=None, segment_ids=None) -> Context:
+    """Positions and mask data (see attention.py). Unpacked rows follow transformers exactly: RoPE uses
+    `position_ids` (default arange), temperature tuning uses the token index, the chunk grid starts at the
+    first non-padding token. Packed rows (`segment_ids` given) use `position_ids` for all three."""
+    B, T = input_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is not None:
+      if position_ids is None:
+        raise ValueError("packed sequences (segment_ids) need position_ids restarting at 0 in each segment")
+      pos = jnp.asarray(position_ids, jnp.int32)
+      info = attn_lib.TokenInfo(jnp.asarray(segment_ids, jnp.int32), pos)
+      rope_pos = temp_pos = pos
+    else:
+      mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+      left_pad = jnp.sum(jnp.cumsum(mask, axis=-1) == 0, axis=-1, keepdims=True).astype(jnp.int32)
+      info = attn_lib.TokenInfo(mask, idx - left_pad)
+      rope_pos = idx if position_ids is None else jnp.asarray(position_ids, jnp.int32)
+      temp_pos = idx
+    cos, sin = rope.angles(rope_pos, rope.text_inv_freq(self.cfg))
+    temp = attn_lib.temperature(temp_pos, self.cfg.floor_scale, self.cfg.attn_scale)
+    return Context(cos, sin, temp, info, info)
+
+  def run_layers(self, h: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array | None]:
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(h, block_state):
+      return nnx.merge(graphdef, block_state)(h, ctx)
+
+    if self.policy.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT[self.policy.remat], prevent_cse=not self.policy.scan_layers)
+    if self.policy.scan_layers:
+      h, rl = jax.lax.scan(body, h, state)
+    else:
+      outs = []
+      n = jax.tree.leaves(state)[0].shape[0]
+      for i in range(n):
+        h, r = body(h, jax.tree.map(lambda a: a[i], state))
+        outs.append(r)
+      rl = None if outs[0] is None else jnp.stack(outs)
+    if rl is not None:  # [n_blocks, moe_per_block, N, E] -> [L_moe, N, E] in layer order
+      rl = rl.reshape(-1, *rl.shape[2:])
+    return h, rl
+
+  def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+              inputs_embeds=None) -> Output:
+    ctx = self.context(input_ids, attention_mask, position_ids, segment_ids)
+    h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    h, rl = self.run_layers(h, ctx)
+    h = self.norm(h)
+    logits = einsum("btd,dv->btv", h, self.lm_head[...], self.policy, out_dtype=jnp.float32)
+    return Output(constrain(logits, ("act_batch", "act_seq", "act_vocab")), h, rl)
+
+  def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> jax.Array:
+    return self.forward(input_ids, attention_mask, position_ids, segment_ids).logits
+
+
+def param_count(model_or_state: Any) -> int:
+  """Number of parameters of a (possibly abstract) model or state."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

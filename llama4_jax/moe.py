@@ -1,0 +1,127 @@
+"""Mixture-of-experts math: the sigmoid top-k router and sparse (dropless) expert computation.
+
+Letters: N tokens, D hidden, E experts, I expert width, A = N * k assignments, b token block.
+
+Routing (reference 1.9), in order:
+  1. logits = x @ router                         [N, E], in the activation dtype
+  2. top-k on the raw logits                     indices [N, k]
+  3. score = sigmoid(selected logit) in float32, cast back; no softmax, no renormalisation
+  4. expert input = x * score                    (the score scales the INPUT of the expert)
+  5. out = sum over the k assignments of Expert_e(x * score)   (the shared expert is added by the caller)
+
+Expert weights: gate_up [E, D, 2, I] (index 0 = gate, 1 = up), down [E, I, D]; Expert_e(u) =
+(silu(u @ gate_e) * (u @ up_e)) @ down_e.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from llama4_jax.config import Policy
+from llama4_jax.layers import einsum, swiglu
+
+
+def route(x: jax.Array, router: jax.Array, k: int, policy: Policy):
+  """Returns (expert ids [N, k] int32, scores [N, k] in x.dtype, logits [N, E] float32)."""
+  logits = einsum("nd,de->ne", x, router, policy)
+  top_logit, top_idx = jax.lax.top_k(logits, k)
+  scores = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
+  return top_idx.astype(jnp.int32), scores, logits.astype(jnp.float32)
+
+
+def _expert_ffn(u: jax.Array, gate_up: jax.Array, down: jax.Array, policy: Policy) -> jax.Array:
+  """One expert (or a batch of experts, with a leading axis on everything) on tokens u [..., b, D]."""
+  h = einsum("...bd,...dci->...bci", u, gate_up, policy)
+  return einsum("...bi,...id->...bd", swiglu(h[..., 0, :], h[..., 1, :]), down, policy)
+
+
+def block_size(assignments: int, experts: int, max_block: int) -> int:
+  """Token block of the grouped matmul: about the mean group size, a power of two in [8, max_block]."""
+  target = max(8, -(-assignments // experts))
+  return min(max_block, 1 << math.ceil(math.log2(target)))
+
+
+def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array, down: jax.Array,
+                   policy: Policy, block: int | None = None) -> jax.Array:
+  """Sparse dropless experts: group assignments by expert, run each group in blocks of `b` tokens.
+
+  1. Sort the A = N*k assignments by expert id (stable).
+  2. Give each expert a run of slots padded up to a multiple of b; the total number of slots is at most
+     A + E*(b-1), a static bound, so nothing is ever dropped whatever the imbalance.
+  3. Scan over the blocks: each block belongs to a single expert, whose weights are sliced dynamically;
+     blocks past the last used one are skipped. Work is ~(A + E*b) * D * I instead of N*E*D*I.
+  4. Gather every assignment's output back and sum the k assignments of each token.
+  """
+  N, D = x.shape
+  E = gate_up.shape[0]
+  k = idx.shape[1]
+  A = N * k
+  b = block or block_size(A, E, policy.moe_block)
+  n_blocks = -(-(A + E * (b - 1)) // b)
+  flat_e = idx.reshape(A)
+  order = jnp.argsort(flat_e, stable=True)
+  sizes = jnp.bincount(flat_e, length=E)
+  padded = -(-sizes // b) * b
+  group_start = jnp.cumsum(sizes) - sizes
+  slot_start = jnp.cumsum(padded) - padded
+  e_sorted = flat_e[order]
+  slot_of_sorted = slot_start[e_sorted] + jnp.arange(A) - group_start[e_sorted]
+  slot = jnp.zeros((A,), jnp.int32).at[order].set(slot_of_sorted.astype(jnp.int32))  # slot per assignment
+
+  # Inputs: each slot holds x[token] * score, or zeros.
+  u = (x[:, None, :] * scores[:, :, None]).reshape(A, D)
+  slots = jnp.zeros((n_blocks * b, D), x.dtype).at[slot].set(u)
+  slots = slots.reshape(n_blocks, b, D)
+  block_first_slot = jnp.arange(n_blocks) * b
+  used = jnp.sum(padded)
+  block_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), block_first_slot, side="right"), 0, E - 1)
+
+  def one_block(_, inp):
+    u_blk, e, live = inp
+    y = jax.lax.cond(
+        live,
+        lambda: _expert_ffn(u_blk, jax.lax.dynamic_index_in_dim(gate_up, e, keepdims=False),
+                            jax.lax.dynamic_index_in_dim(down, e, keepdims=False), policy),
+        lambda: jnp.zeros_like(u_blk))
+    return None, y
+
+  _, out = jax.lax.scan(one_block, None, (slots, block_expert, block_first_slot < used))
+  y = out.reshape(n_blocks * b, D)[slot]  # [A, D]
+  return y.reshape(N, k, D).sum(axis=1).astype(x.dtype)
+
+
+def ragged_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array, down: jax.Array,
+                   policy: Policy) -> jax.Array:
+  """Same function through `jax.lax.ragged_dot` on the sorted assignments (grouped-matmul kernels on
+  TPU; a dense per-group fallback on CPU)."""
+  N, D = x.shape
+  E, _, _, I = gate_up.shape
+  k = idx.shape[1]
+  flat_e = idx.reshape(N * k)
+  order = jnp.argsort(flat_e, stable=True)
+  sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+  u = (x[:, None, :] * scores[:, :, None]).reshape(N * k, D)[order]
+  dt = jnp.dtype(policy.dtype)
+  h = jax.lax.ragged_dot(u.astype(dt), gate_up.reshape(E, D, 2 * I).astype(dt), sizes,
+                         precision=jax.lax.Precision.HIGHEST if policy.matmul_precision == "highest" else None)
+  h = h.reshape(N * k, 2, I)
+  y = jax.lax.ragged_dot(swiglu(h[:, 0], h[:, 1]).astype(dt), down.astype(dt), sizes,
+                         precision=jax.lax.Precision.HIGHEST if policy.matmul_precision == "highest" else None)
+  y = jnp.zeros_like(y).at[order].set(y)
+  return y.reshape(N, k, D).sum(axis=1).astype(x.dtype)
+
+
+def dense_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array, down: jax.Array,
+                  policy: Policy) -> jax.Array:
+  """Test oracle: every expert on every token with a zero score where not selected (E times the work)."""
+  E = gate_up.shape[0]
+  s = jnp.zeros((x.shape[0], E), x.dtype)
+  s = s.at[jnp.arange(x.shape[0])[:, None], idx].add(scores)  # [N, E]
+  u = s.T[:, :, None] * x[None]  # [E, N, D]
+  return _expert_ffn(u, gate_up, down, policy).sum(axis=0).astype(x.dtype)
+
+
+EXPERT_IMPLS = {"sorted": sorted_experts, "ragged": ragged_experts, "dense": dense_experts}
