@@ -5,7 +5,9 @@ Steps:
      `loss_mask[i] = 1` if token i is trained as a prediction (`text_example`, `chat.render_chat`).
   2. Next-token pairs are formed inside each document, then cut into pieces of at most `seq_len`
      (`shifted_pieces`). Since targets are shifted before packing, the target of a document's
-     last input is that document's own last token: no target ever belongs to another document.
+     last input is that document's own last token: no target ever belongs to another document,
+     so no cross-document target needs masking. A document longer than `seq_len` continues in
+     later pieces, each restarting positions at 0 (a long conversation loses earlier context).
   3. Pieces are shuffled (a fresh order every epoch), first-fit packed into rows of `seq_len`
      (`grain.experimental.FirstFitPackIterDataset`: a piece is never split, rows are padded), and
      batched.
@@ -39,7 +41,7 @@ def text_example(text: str, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
   """A pretraining document: bos + text + eos (when the tokenizer has them), every token trained."""
   tokens = tokenizer.encode(text, bos=tokenizer.bos_id is not None, eos=bool(tokenizer.eos_ids))
   mask = np.ones(len(tokens), np.int32)
-  mask[0] = 0  # the first token is never predicted
+  mask[:1] = 0  # the first token is never predicted
   return {"tokens": np.asarray(tokens, np.int32), "loss_mask": mask}
 
 
@@ -105,7 +107,12 @@ def train_dataset(
     num_packing_bins: int | None = None,
     num_workers: int = 0,
 ) -> grain.IterDataset:
-  """Shuffled, packed full batches; endless unless `num_epochs` is given. Deterministic in `seed`."""
+  """Shuffled, packed full batches; endless unless `num_epochs` is given. Deterministic in `seed`.
+
+  `num_workers > 0` packs in worker processes, each over its own slice of the pieces (so the
+  batches differ from the 0-worker ones); callers then need a `__main__` guard and
+  `absl.flags.FLAGS.mark_as_parsed()`. On a 2-core machine, keep 0.
+  """
   pieces = shifted_pieces(examples, seq_len)
   if not pieces:
     raise ValueError("no trainable tokens in the examples")
