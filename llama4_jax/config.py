@@ -270,6 +270,7 @@ class Policy:
 
   param_dtype: str = "float32"  # storage dtype of parameters ("float32" master weights or "bfloat16")
   dtype: str = "float32"  # activation / matmul dtype
+  residual_dtype: str = "float32"  # dtype of the residual stream between layers (float32 keeps bf16 runs closer to fp32)
   matmul_precision: str = "highest"  # jax.lax.Precision for dots: "default" | "high" | "highest"
   moe_impl: str = "sorted"  # "sorted" (sparse, block-grouped) | "ragged" (lax.ragged_dot) | "dense" (oracle)
   moe_block: int = 128  # token block of the sorted grouped matmul
@@ -278,7 +279,7 @@ class Policy:
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "minimal"
 
   def __post_init__(self):
-    for f in ("param_dtype", "dtype"):
+    for f in ("param_dtype", "dtype", "residual_dtype"):
       _require(getattr(self, f) in _DTYPES, f"policy.{f}", f"unknown dtype {getattr(self, f)!r}")
     _require(self.matmul_precision in ("default", "high", "highest"), "policy.matmul_precision",
              f"got {self.matmul_precision!r}")

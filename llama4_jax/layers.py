@@ -48,11 +48,12 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, policy: Policy, out_dtype=None)
                     preferred_element_type=out_dtype or dt).astype(out_dtype or dt)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
-  """Normalise in float32, cast back to the activation dtype, then scale (no `1 + w` offset)."""
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float, out_dtype=None) -> jax.Array:
+  """Normalise in float32, cast to the activation dtype (default: x's), then scale (no `1 + w` offset)."""
+  dt = out_dtype or x.dtype
   x32 = x.astype(jnp.float32)
-  y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-  return y if weight is None else y * weight.astype(x.dtype)
+  y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(dt)
+  return y if weight is None else y * weight.astype(dt)
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:

@@ -41,9 +41,11 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, policy: Policy, rngs: nnx.Rngs):
     self.weight = param(rngs, ones, (dim,), ("norm",), policy.param_dtype)
     self.eps = eps
+    self.dtype = policy.dtype
 
   def __call__(self, x):
-    return rms_norm(x, self.weight[...], self.eps)
+    """Residual-stream input (any dtype) -> normalised activations in the compute dtype."""
+    return rms_norm(x, self.weight[...], self.eps, self.dtype)
 
 
 class Attention(nnx.Module):
@@ -139,13 +141,13 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, h: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array | None]:
     with jax.named_scope("attention"):
-      h = h + self.attn(self.attn_norm(h), ctx)
+      h = h + self.attn(self.attn_norm(h), ctx).astype(h.dtype)
     with jax.named_scope("moe" if self.is_moe else "mlp"):
       out = self.ffn(self.ffn_norm(h))
     router_logits = None
     if self.is_moe:
       out, router_logits = out
-    h = constrain(h + out, ("act_batch", "act_seq", "act_embed"))
+    h = constrain(h + out.astype(h.dtype), ("act_batch", "act_seq", "act_embed"))
     return h, router_logits
 
 
@@ -204,7 +206,7 @@ class TextModel(nnx.Module):
     self.lm_head = param(rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
   def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-    h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.policy.dtype)
+    h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.policy.residual_dtype)
     return constrain(h, ("act_batch", "act_seq", "act_embed"))
 
   def context(self, input_ids: jax.Array, attention_mask=None, position_ids=None, segment_ids=None) -> Context:
