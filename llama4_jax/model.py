@@ -102,8 +102,17 @@ class MLP(nnx.Module):
     return einsum("...f,fd->...d", h, self.down[...], p)
 
 
+class SelectionBias(nnx.Variable):
+  """Per-expert bias added to the router logits for top-k selection only (aux-loss-free balancing).
+  Not an `nnx.Param`: no gradient flows to it, and HF checkpoints (which lack it) load unchanged."""
+
+
 class MoE(nnx.Module):
-  """Sigmoid top-k router, sparse routed experts (score on the expert input), shared expert always on."""
+  """Sigmoid top-k router, sparse routed experts (score on the expert input), shared expert always on.
+
+  `selection_bias` is None (the released model) unless `enable_selection_bias` attaches a
+  `SelectionBias`: the training-time bias of aux-loss-free load balancing (see `moe.route`).
+  """
 
   def __init__(self, cfg: TextConfig, policy: Policy, rngs: nnx.Rngs):
     D, E, I = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
@@ -114,12 +123,20 @@ class MoE(nnx.Module):
     self.shared = MLP(D, I, cfg.initializer_range, policy, rngs)
     self.top_k = cfg.num_experts_per_tok
     self.policy = policy
+    self.selection_bias = nnx.data(None)
+
+  def enable_selection_bias(self) -> None:
+    """Attaches a zero `SelectionBias` [..., E] (leading axes: those of the stacked router, if any)."""
+    if self.selection_bias is None:
+      shape = self.router.shape[:-2] + self.router.shape[-1:]
+      self.selection_bias = SelectionBias(jnp.zeros(shape, jnp.float32))
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     B, T, D = x.shape
     xt = x.reshape(B * T, D)
     with jax.named_scope("router"):
-      idx, scores, logits = moe_lib.route(xt, self.router[...], self.top_k, self.policy)
+      bias = None if self.selection_bias is None else self.selection_bias[...]
+      idx, scores, logits = moe_lib.route(xt, self.router[...], self.top_k, self.policy, bias)
     with jax.named_scope("experts"):
       experts = moe_lib.EXPERT_IMPLS[self.policy.moe_impl]
       routed = routed_experts(experts, xt, idx, scores, self.gate_up[...], self.down[...], self.policy)

@@ -24,10 +24,18 @@ from llama4_jax.config import Policy
 from llama4_jax.layers import einsum, swiglu
 
 
-def route(x: jax.Array, router: jax.Array, k: int, policy: Policy):
-  """Returns (expert ids [N, k] int32, scores [N, k] in x.dtype, logits [N, E] float32)."""
+def route(x: jax.Array, router: jax.Array, k: int, policy: Policy, bias: jax.Array | None = None):
+  """Returns (expert ids [N, k] int32, scores [N, k] in x.dtype, logits [N, E] float32).
+
+  `bias` [E] (aux-loss-free balancing, training only) shifts the logits for the top-k *selection*;
+  the score of a selected expert stays sigmoid of its unbiased logit, and the logits returned are
+  unbiased."""
   logits = einsum("nd,de->ne", x, router, policy)
-  top_logit, top_idx = jax.lax.top_k(logits, k)
+  if bias is None:
+    top_logit, top_idx = jax.lax.top_k(logits, k)
+  else:
+    _, top_idx = jax.lax.top_k(logits.astype(jnp.float32) + bias.astype(jnp.float32), k)
+    top_logit = jnp.take_along_axis(logits, top_idx, axis=-1)
   scores = jax.nn.sigmoid(top_logit.astype(jnp.float32)).astype(x.dtype)
   return top_idx.astype(jnp.int32), scores, logits.astype(jnp.float32)
 
