@@ -277,6 +277,8 @@ class Policy:
   attention_impl: str = "xla"  # "xla" (einsum, chunk-local blocks) | "dense" (full T x T mask, oracle)
   scan_layers: bool = True  # lax.scan over repeating blocks of layers
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "minimal"
+  fp8: str = "off"  # "off" | "train" (per-tensor e4m3/e5m2) | "inference" (rowwise, FBGEMM) | "auto" (see fp8.py)
+  fp8_lm_head: bool = False  # also quantise the lm_head matmul
 
   def __post_init__(self):
     for f in ("param_dtype", "dtype", "residual_dtype"):
@@ -287,6 +289,7 @@ class Policy:
     _require(self.attention_impl in ("xla", "dense"), "policy.attention_impl", f"got {self.attention_impl!r}")
     _require(self.remat in ("none", "full", "dots", "minimal"), "policy.remat", f"got {self.remat!r}")
     _require(self.moe_block > 0, "policy.moe_block", f"got {self.moe_block!r}")
+    _require(self.fp8 in ("off", "train", "inference", "auto"), "policy.fp8", f"got {self.fp8!r}")
 
 
 BF16 = Policy(param_dtype="bfloat16", dtype="bfloat16", matmul_precision="default")

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama4_jax import fp8
 from llama4_jax.config import Policy
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -41,11 +42,17 @@ def dtype_of(policy: Policy) -> jnp.dtype:
   return jnp.dtype(policy.dtype)
 
 
-def einsum(eqn: str, x: jax.Array, w: jax.Array, policy: Policy, out_dtype=None) -> jax.Array:
-  """Every weight matmul of the model goes through here (the seam for FP8 and precision choices)."""
-  dt = dtype_of(policy)
-  return jnp.einsum(eqn, x.astype(dt), w.astype(dt), precision=_PRECISION[policy.matmul_precision],
-                    preferred_element_type=out_dtype or dt).astype(out_dtype or dt)
+def einsum(eqn: str, x: jax.Array, w: jax.Array, policy: Policy, out_dtype=None, quantize: bool = True) -> jax.Array:
+  """Every weight matmul of the model goes through here: the seam for FP8 recipes and precision choices.
+
+  `x` is the activation, `w` the weight. `quantize=False` keeps a matmul out of FP8 (the lm_head unless
+  `policy.fp8_lm_head`)."""
+  dt, out = dtype_of(policy), out_dtype or dtype_of(policy)
+  precision = _PRECISION[policy.matmul_precision]
+  recipe = fp8.resolve(policy.fp8) if quantize else "off"
+  if recipe != "off":
+    return fp8.RECIPES[recipe](eqn, x.astype(dt), w.astype(dt), out, precision).astype(out)
+  return jnp.einsum(eqn, x.astype(dt), w.astype(dt), precision=precision, preferred_element_type=out).astype(out)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float, out_dtype=None) -> jax.Array:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from llama4_jax import attention as attn_lib
+from llama4_jax import cache as cache_lib
 from llama4_jax import moe as moe_lib
 from llama4_jax import rope
 from llama4_jax.config import Policy, TextConfig
@@ -35,6 +36,7 @@ class Context(NamedTuple):
   temp: jax.Array  # [B, T] float32 query scale of NoPE layers
   q_info: attn_lib.TokenInfo
   k_info: attn_lib.TokenInfo
+  step: cache_lib.Step | None = None  # KV-cache bookkeeping of a cached forward (cache.py), else None
 
 
 class RMSNorm(nnx.Module):
@@ -66,7 +68,8 @@ class Attention(nnx.Module):
     self.eps = cfg.rms_norm_eps
     self.policy = policy
 
-  def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+  def __call__(self, x: jax.Array, ctx: Context, kv: cache_lib.LayerKV | None = None):
+    """Output [B, T, D]; with this layer's cache `kv` (a cached forward) also the updated cache."""
     p = self.policy
     q = constrain(einsum("btd,dhk->bthk", x, self.q[...], p), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(einsum("btd,dhk->bthk", x, self.k[...], p), ("act_batch", "act_seq", "act_kv_heads", None))
@@ -79,11 +82,16 @@ class Attention(nnx.Module):
       q = (q.astype(jnp.float32) * ctx.temp[:, :, None, None]).astype(q.dtype)
     precision = jax.lax.Precision.HIGHEST if p.matmul_precision == "highest" else None
     T = x.shape[1]
-    if self.chunk is not None and p.attention_impl == "xla" and T > 2 * self.chunk and ctx.q_info is ctx.k_info:
+    if kv is not None and not ctx.step.prefill:
+      out, kv = cache_lib.attend(q, k, v, kv, ctx.q_info, ctx.step, self.chunk, precision)
+    elif self.chunk is not None and p.attention_impl == "xla" and T > 2 * self.chunk and ctx.q_info is ctx.k_info:
       out = attn_lib.chunk_local_attention(q, k, v, ctx.q_info, self.chunk, precision)
     else:
       out = attn_lib.attention(q, k, v, ctx.q_info, ctx.k_info, self.chunk, precision)
-    return einsum("bthk,hkd->btd", out, self.o[...], p)
+    if kv is not None and ctx.step.prefill:
+      kv = cache_lib.store(kv, k, v, ctx.step)
+    out = einsum("bthk,hkd->btd", out, self.o[...], p)
+    return out if kv is None else (out, kv)
 
 
 class MLP(nnx.Module):
@@ -156,16 +164,20 @@ class DecoderLayer(nnx.Module):
       self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size_mlp, cfg.initializer_range, policy, rngs)
     self.is_moe = is_moe
 
-  def __call__(self, h: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(self, h: jax.Array, ctx: Context, kv: cache_lib.LayerKV | None = None):
+    """(h, router logits or None), plus the updated layer cache when `kv` is given."""
     with jax.named_scope("attention"):
-      h = h + self.attn(self.attn_norm(h), ctx).astype(h.dtype)
+      a = self.attn(self.attn_norm(h), ctx, kv)
+      if kv is not None:
+        a, kv = a
+      h = h + a.astype(h.dtype)
     with jax.named_scope("moe" if self.is_moe else "mlp"):
       out = self.ffn(self.ffn_norm(h))
     router_logits = None
     if self.is_moe:
       out, router_logits = out
     h = constrain(h + out.astype(h.dtype), ("act_batch", "act_seq", "act_embed"))
-    return h, router_logits
+    return (h, router_logits) if kv is None else (h, router_logits, kv)
 
 
 class Block(nnx.Module):
@@ -175,13 +187,19 @@ class Block(nnx.Module):
     kinds = cfg.layer_kinds[: cfg.layer_period]
     self.layers = nnx.List([DecoderLayer(cfg, r, m, policy, rngs) for r, m in kinds])
 
-  def __call__(self, h: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array | None]:
-    router_logits = []
-    for layer in self.layers:
-      h, rl = layer(h, ctx)
+  def __call__(self, h: jax.Array, ctx: Context, kv: tuple[cache_lib.LayerKV, ...] | None = None):
+    """(h, stacked router logits or None), plus the updated per-layer caches when `kv` is given."""
+    router_logits, new_kv = [], []
+    for i, layer in enumerate(self.layers):
+      if kv is None:
+        h, rl = layer(h, ctx)
+      else:
+        h, rl, layer_kv = layer(h, ctx, kv[i])
+        new_kv.append(layer_kv)
       if rl is not None:
         router_logits.append(rl)
-    return h, (jnp.stack(router_logits) if router_logits else None)
+    rl = jnp.stack(router_logits) if router_logits else None
+    return (h, rl) if kv is None else (h, rl, tuple(new_kv))
 
 
 _REMAT = {
@@ -226,13 +244,23 @@ class TextModel(nnx.Module):
     h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.policy.residual_dtype)
     return constrain(h, ("act_batch", "act_seq", "act_embed"))
 
-  def context(self, input_ids: jax.Array, attention_mask=None, position_ids=None, segment_ids=None) -> Context:
+  def context(self, input_ids: jax.Array, attention_mask=None, position_ids=None, segment_ids=None,
+              cache: cache_lib.KVCache | None = None, prefill: bool = False) -> Context:
     """Positions and mask data (see attention.py). Unpacked rows follow transformers exactly: RoPE uses
     `position_ids` (default arange), temperature tuning uses the token index, the chunk grid starts at the
-    first non-padding token. Packed rows (`segment_ids` given) use `position_ids` for all three."""
+    first non-padding token. Packed rows (`segment_ids` given) use `position_ids` for all three.
+    With a `cache` (the tokens continue the cached ones; `prefill`: the cache is empty) the indices are
+    cache indices and RoPE positions default to transformers' `generate` ones (cache.py, `begin`)."""
     B, T = input_ids.shape
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    if segment_ids is not None:
+    step = None
+    if cache is not None:
+      if segment_ids is not None:
+        raise ValueError("packed sequences (segment_ids) cannot run with a KV cache")
+      step, info = cache_lib.begin(cache, attention_mask, B, T, prefill)
+      rope_pos = step.rope_pos if position_ids is None else jnp.asarray(position_ids, jnp.int32)
+      temp_pos = step.temp_pos
+    elif segment_ids is not None:
       if position_ids is None:
         raise ValueError("packed sequences (segment_ids) need position_ids restarting at 0 in each segment")
       pos = jnp.asarray(position_ids, jnp.int32)
@@ -246,10 +274,20 @@ class TextModel(nnx.Module):
       temp_pos = idx
     cos, sin = rope.angles(rope_pos, rope.text_inv_freq(self.cfg))
     temp = attn_lib.temperature(temp_pos, self.cfg.floor_scale, self.cfg.attn_scale)
-    return Context(cos, sin, temp, info, info)
+    return Context(cos, sin, temp, info, info, step)
 
-  def run_layers(self, h: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array | None]:
+  def run_layers(self, h: jax.Array, ctx: Context, kv=None):
+    """(h, router logits [L_moe, N, E] or None). With `kv` (`KVCache.kv`: per layer of a block, (k, v)
+    stacked over blocks) and a cached `ctx`, the blocks are scanned with their caches and the updated
+    `kv` comes back as a third output."""
     graphdef, state = nnx.split(self.blocks)
+    if kv is not None:
+      def cached(h, xs):
+        h, rl, block_kv = nnx.merge(graphdef, xs[0])(h, ctx, xs[1])
+        return h, (rl, block_kv)
+
+      h, (rl, kv) = jax.lax.scan(cached, h, (state, kv))
+      return h, (None if rl is None else rl.reshape(-1, *rl.shape[2:])), kv
 
     def body(h, block_state):
       return nnx.merge(graphdef, block_state)(h, ctx)
@@ -275,7 +313,8 @@ class TextModel(nnx.Module):
     h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     h, rl = self.run_layers(h, ctx)
     h = self.norm(h)
-    logits = einsum("btd,dv->btv", h, self.lm_head[...], self.policy, out_dtype=jnp.float32)
+    logits = einsum("btd,dv->btv", h, self.lm_head[...], self.policy, out_dtype=jnp.float32,
+                    quantize=self.policy.fp8_lm_head)
     return Output(constrain(logits, ("act_batch", "act_seq", "act_vocab")), h, rl)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> jax.Array:

@@ -30,7 +30,7 @@ def route(x: jax.Array, router: jax.Array, k: int, policy: Policy, bias: jax.Arr
   `bias` [E] (aux-loss-free balancing, training only) shifts the logits for the top-k *selection*;
   the score of a selected expert stays sigmoid of its unbiased logit, and the logits returned are
   unbiased."""
-  logits = einsum("nd,de->ne", x, router, policy)
+  logits = einsum("nd,de->ne", x, router, policy, quantize=False)  # the router stays in the compute dtype
   if bias is None:
     top_logit, top_idx = jax.lax.top_k(logits, k)
   else:
