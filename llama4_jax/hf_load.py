@@ -10,6 +10,7 @@ only the tensors it needs, so peak host memory is about the final parameters plu
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -102,12 +103,25 @@ def text_prefix(keys) -> str:
       k.startswith(hf_keys.MULTIMODAL_TEXT_PREFIX) for k in keys) else hf_keys.TEXT_ONLY_PREFIX
 
 
+_VISION_KEY_PREFIXES = (hf_keys.VISION_PREFIX, hf_keys.PROJECTOR.hf)
+
+
 def plan(cfg: Llama4Config, tensors: Mapping[str, TensorInfo], allowed_dtypes=FLOAT_DTYPES):
-  """Validates the checkpoint against the config; returns the placements to read."""
+  """Validates the checkpoint against the config; returns the placements to read.
+
+  A multimodal config needs the vision tower and projector in the checkpoint (a text-only
+  `Llama4ForCausalLM` checkpoint is refused). A text-only config (`cfg.vision is None`) reads only the text
+  part of a multimodal checkpoint; its vision tensors are left out, and logged."""
   prefix = text_prefix(tensors)
+  vision_keys = sorted(k for k in tensors if k.startswith(_VISION_KEY_PREFIXES))
+  if cfg.vision is not None and not vision_keys:
+    where = os.path.dirname(next(iter(tensors.values())).file) if tensors else "checkpoint"
+    raise CheckpointError(f"{where}: the config is multimodal but the checkpoint has no vision_model. / "
+                          "multi_modal_projector. tensors (a text-only Llama4ForCausalLM checkpoint?); "
+                          "load it with a text-only config (vision=None)")
   places = hf_keys.placements(cfg, prefix)
   expected = {p.key for p in places}
-  skipped = sorted(k for k in tensors if k not in expected and k.startswith(("vision_model.", "multi_modal_projector.")))
+  skipped = vision_keys if cfg.vision is None else []
   unexpected = sorted(k for k in tensors if k not in expected and k not in skipped)
   if unexpected:
     raise CheckpointError(f"{tensors[unexpected[0]].file}: unexpected key {unexpected[0]!r}"
@@ -124,7 +138,7 @@ def plan(cfg: Llama4Config, tensors: Mapping[str, TensorInfo], allowed_dtypes=FL
     if info.dtype not in allowed_dtypes:
       raise CheckpointError(f"{info.file}: key {p.key!r} has dtype {info.dtype}, expected one of {sorted(allowed_dtypes)}")
   if skipped:
-    log.warning("load_hf: %d vision/projector tensors skipped (vision tower not loaded)", len(skipped))
+    log.info("text-only config: %d vision tower / projector tensors of the checkpoint are not loaded", len(skipped))
   return places
 
 
@@ -179,12 +193,15 @@ def load_state(cfg: Llama4Config, directory: str, policy: Policy, shardings=None
 
 
 def load_hf(path: str | os.PathLike, dtype: str | None = None, policy: Policy | None = None,
-            shardings=None) -> Llama4:
+            shardings=None, text_only: bool = False) -> Llama4:
   """A ready `Llama4` from a HF model directory (single or sharded safetensors, multimodal or text-only
   layout, fp32/bf16/fp16 files). `dtype` sets parameters and compute (default: the checkpoint's dtype,
-  float16 read as bfloat16); `policy` overrides it entirely."""
+  float16 read as bfloat16); `policy` overrides it entirely. `text_only` builds the text model alone from
+  a multimodal checkpoint (config with `vision=None`, vision tensors not read)."""
   directory = os.fspath(path)
   cfg = from_hf(directory)
+  if text_only:
+    cfg = dataclasses.replace(cfg, vision=None)
   if policy is None:
     dt = dtype or ("bfloat16" if cfg.dtype == "float16" else cfg.dtype)
     if dt not in ("float32", "bfloat16"):
