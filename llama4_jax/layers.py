@@ -35,7 +35,7 @@ def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str],
   """An `nnx.Param` carrying logical axis names; placement is left to `sharding/`."""
   assert len(axes) == len(shape), (axes, shape)
   value = init(rngs.params(), tuple(shape), jnp.dtype(dtype))
-  return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def dtype_of(policy: Policy) -> jnp.dtype:
