@@ -1,0 +1,190 @@
+"""KV cache for prefill + incremental decoding: static shapes, stacked over layer blocks like the parameters.
+
+Letters: B batch, T new tokens, S cache slots, W ring slots, K kv heads, d head_dim, C chunk, n blocks.
+
+Layout. `KVCache.kv` holds one (k, v) pair per layer of a scanned block (the layer period p), each stacked
+over the L/p blocks: [n, B, S, K, d]. The slot count depends on the layer kind:
+  chunked (RoPE) layers  a ring of W = min(attention_chunk_size, max_len) slots, cache index i in slot i mod W.
+                         A query sees only keys of its own chunk, at most C - 1 indices back, so C slots hold
+                         every key a later token can still see: memory is bounded whatever the length.
+  global (NoPE) layers   S = max_len slots, cache index i in slot i.
+Every layer of a kind writes the same indices, so each slot's mask data (`attention.TokenInfo`: seg, mpos)
+is stored once per kind (`ring`, `full`) and attention applies the exact mask of attention.py to cached
+keys. Empty slots have seg 0 and are never visible.
+
+Indices follow transformers' DynamicCache and `generate`: the cache index counts every token written, left
+padding included (`index` is the next one). A row's mask position is its cache index minus its left padding
+(`left_pad`, fixed at prefill), so the chunk grid starts at its first real token; temperature tuning uses
+the cache index; RoPE positions default to `generate`'s cumsum(attention_mask) - 1 (0 on padding), which
+for later tokens continues as mpos.
+
+A step of T new tokens:
+  prefill (empty cache)  attention over the new tokens alone, by the full-sequence code path (prefill logits
+                         equal `TextModel.forward` bit for bit), then the keys are stored (a ring keeps the
+                         last W of them: exactly the ones later tokens can see).
+  T == 1                 the key is written first, then the query attends over the slots (the ring slot it
+                         overwrites held index i - W, which lies in an earlier chunk).
+  T > 1                  ring layers attend over [old slots; new keys], then write; global layers write, then
+                         attend over the slots.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama4_jax import attention as attn_lib
+from llama4_jax.attention import TokenInfo
+from llama4_jax.config import TextConfig
+
+LayerKV = tuple[jax.Array, jax.Array]  # (k, v) of one layer: [B, S, K, d] (inside the scan) or [n, B, S, K, d]
+
+
+class KVCache(NamedTuple):
+  """The decoding state of a batch (a pytree of arrays; shapes fixed by `init`)."""
+
+  kv: tuple[LayerKV, ...]  # per layer of a block: (k, v) [n_blocks, B, S, K, d], S = W (chunked) or max_len
+  ring: TokenInfo  # [B, W] mask data of the ring slots
+  full: TokenInfo  # [B, max_len] mask data of the global slots
+  index: jax.Array  # [] int32: cache index of the next token
+  left_pad: jax.Array  # [B] int32: left padding of each row (set at prefill)
+
+  @property
+  def max_len(self) -> int:
+    return self.full.seg.shape[1]
+
+  @property
+  def ring_size(self) -> int:
+    return self.ring.seg.shape[1]
+
+
+class Step(NamedTuple):
+  """Bookkeeping of one cached forward, shared by every layer (carried in `model.Context.step`)."""
+
+  index: jax.Array  # [] cache index of the first new token
+  prefill: bool  # static: the cache is empty, attend over the new tokens only
+  ring_old: TokenInfo  # ring slot data before this step's write
+  ring: TokenInfo  # ring slot data after it
+  full: TokenInfo  # global slot data after it
+  left_pad: jax.Array  # [B]
+  rope_pos: jax.Array  # [B, T] default RoPE positions (generate's)
+  temp_pos: jax.Array  # [B, T] temperature-tuning positions (cache indices)
+
+
+def ring_size(cfg: TextConfig, max_len: int) -> int:
+  return min(cfg.attention_chunk_size, max_len)
+
+
+def init(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
+  """An empty cache for `batch` rows of at most `max_len` tokens (prompt, padding and generation)."""
+  p = cfg.layer_period
+  n = cfg.num_hidden_layers // p
+  W = ring_size(cfg, max_len)
+  K, d = cfg.num_key_value_heads, cfg.head_dim
+
+  def buf(use_rope):
+    return jnp.zeros((n, batch, W if use_rope else max_len, K, d), dtype)
+
+  kv = tuple((buf(r), buf(r)) for r, _ in cfg.layer_kinds[:p])
+  zeros = lambda S: jnp.zeros((batch, S), jnp.int32)  # noqa: E731
+  return KVCache(kv, TokenInfo(zeros(W), zeros(W)), TokenInfo(zeros(max_len), zeros(max_len)),
+                 jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+def abstract(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
+  """Shapes and dtypes of `init`'s cache, nothing allocated."""
+  return jax.eval_shape(lambda: init(cfg, batch, max_len, dtype))
+
+
+def nbytes(cache: KVCache) -> int:
+  """Bytes held by a (possibly abstract) cache."""
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache)))
+
+
+def kv_bytes(cfg: TextConfig, length: int, dtype="bfloat16") -> int:
+  """K/V bytes of one sequence of `length` tokens: 2*K*d*itemsize * (L_global*length + L_chunked*min(length, C)).
+  (The slot mask data adds 8 bytes per slot per kind, not per layer.)"""
+  per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+  chunked = sum(cfg.no_rope_layers)
+  full = cfg.num_hidden_layers - chunked
+  return per_layer_token * (full * length + chunked * min(length, cfg.attention_chunk_size))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writes and attention
+
+
+def write(buf: jax.Array, new: jax.Array, index: jax.Array, ring: bool) -> jax.Array:
+  """`new` [B, T, ...] written into `buf` [B, S, ...] at cache indices index .. index+T-1 (slots modulo S on
+  a ring, which keeps the last S of them)."""
+  S, T = buf.shape[1], new.shape[1]
+  new = new.astype(buf.dtype)
+  if not ring:
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1)
+  if T > S:
+    new, index, T = new[:, T - S:], index + (T - S), S
+  if T == 1:
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, index % S, axis=1)
+  return buf.at[:, (index + jnp.arange(T)) % S].set(new)
+
+
+def store(kv: LayerKV, k: jax.Array, v: jax.Array, step: Step, ring: bool) -> LayerKV:
+  return write(kv[0], k, step.index, ring), write(kv[1], v, step.index, ring)
+
+
+def attend(q, k, v, kv: LayerKV, q_info: TokenInfo, step: Step, chunk: int | None, precision):
+  """Attention of the new queries over the cached and the new keys, and the updated layer cache.
+  q [B, T, H, d], k/v [B, T, K, d]; `chunk` None for a global layer."""
+  ring = chunk is not None
+  if ring and q.shape[1] > 1:
+    keys = jnp.concatenate([kv[0], k.astype(kv[0].dtype)], axis=1)
+    values = jnp.concatenate([kv[1], v.astype(kv[1].dtype)], axis=1)
+    info = TokenInfo(*(jnp.concatenate([a, b], axis=1) for a, b in zip(step.ring_old, q_info)))
+    out = attn_lib.attention(q, keys, values, q_info, info, chunk, precision)
+    return out, store(kv, k, v, step, ring)
+  kv = store(kv, k, v, step, ring)
+  out = attn_lib.attention(q, kv[0], kv[1], q_info, step.ring if ring else step.full, chunk, precision)
+  return out, kv
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+
+
+def begin(cache: KVCache, attention_mask, B: int, T: int, prefill: bool) -> tuple[Step, TokenInfo]:
+  """Step bookkeeping and the new tokens' mask data. `attention_mask` [B, T] (None: all ones) marks left
+  padding at prefill; later tokens are real (transformers' `generate` appends ones)."""
+  mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  idx = cache.index + jnp.arange(T, dtype=jnp.int32)
+  if prefill:
+    left_pad = jnp.sum(jnp.cumsum(mask, axis=-1) == 0, axis=-1).astype(jnp.int32)
+  else:
+    left_pad = cache.left_pad
+  info = TokenInfo(mask, idx[None, :] - left_pad[:, None])
+  ring = TokenInfo(*(write(a, b, cache.index, ring=True) for a, b in zip(cache.ring, info)))
+  full = TokenInfo(*(write(a, b, cache.index, ring=False) for a, b in zip(cache.full, info)))
+  rope_pos = jnp.where(mask != 0, info.mpos, 0)
+  temp_pos = jnp.broadcast_to(idx, (B, T))
+  return Step(cache.index, prefill, cache.ring, ring, full, left_pad, rope_pos, temp_pos), info
+
+
+def finish(cache: KVCache, kv: tuple[LayerKV, ...], step: Step, T: int) -> KVCache:
+  return KVCache(tuple(kv), step.ring, step.full, step.index + T, step.left_pad)
+
+
+def forward(text, input_ids: jax.Array, cache: KVCache, attention_mask=None, position_ids=None,
+            inputs_embeds=None, prefill: bool = False, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+  """One cached step of a `model.TextModel`: logits [B, T, V] float32 (`last_only`: [B, 1, V]) of the new
+  tokens `input_ids` [B, T] (or their `inputs_embeds` [B, T, D], e.g. with image features merged) and the
+  updated cache. `prefill` requires an empty cache (`init`). The cache must have room: index + T <= max_len
+  (checked by the caller; a global write past the end would be clamped by XLA)."""
+  B, T = input_ids.shape
+  ctx = text.context(input_ids, attention_mask, position_ids, cache=cache, prefill=prefill)
+  h = text.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+  h, _, kv = text.run_layers(h, ctx, cache.kv)
+  if last_only:
+    h = h[:, -1:]
+  return text.logits(text.norm(h)), finish(cache, kv, ctx.step, T)
