@@ -1,0 +1,230 @@
+"""Per-device memory plan of a configuration on a mesh, and a chooser of the mesh that fits.
+
+Parameters, gradients, optimizer state and the fp32 master copy are exact: they come from the
+abstract model (`nnx.eval_shape`, nothing allocated) placed by the rules (`param_specs`, including the
+replicated fallbacks of dimensions a mesh axis does not divide). Activations are an estimate:
+
+  t  = tokens per device = batch * seq / (product of the mesh axes act_batch splits the batch over)
+  b  = bytes per activation element (the policy dtype); scores and logits are float32 (4 bytes)
+  tp = size of the tensor axis where the rules split heads / mlp / vocab, else 1
+  Per layer, what the backward pass keeps (einsum attention, no remat), in elements per token:
+    attention  a_att = 2 D + 2 (H + 2 K) d / tp  (norm in/out, q k v and their rotated copies)
+                       + H d / tp                 (attention output)
+                       + (4/b) H S / tp            (float32 softmax; S = chunk on RoPE layers, seq on NoPE;
+                                                    S = 1 with attention="flash": only the log-sum-exp)
+    dense MLP  a_mlp = D + 3 F / tp                (input, gate, up, silu*up)
+    MoE        a_moe = D + (4/b) E + k (D + 3 I / tpe) + 3 I / tp  (router logits, routed, shared)
+  a_layer = t * b * (a_att + a_ffn)
+  remat "none":    L * a_layer
+  remat "full" / "dots" / "minimal" (scan over blocks of p layers, block inputs saved):
+                   (L / p) * t * b * D  +  p * a_layer   (one block recomputed at a time)
+  + logits and their gradient: 2 * t * V / tp * 4
+  + expert-parallel dropless buffers of one MoE layer: 4 * n * t * k * D * b   (n = expert axis size)
+Serving (train=False): one layer's a_layer + the logits, plus the KV cache
+  (batch per device) * (L_rope * min(chunk, seq) + L_nope * seq) * 2 K d b / tp
+(RoPE layers never need more than a chunk of keys). Training keeps AdamW's m and v in float32 (8 bytes
+per parameter), the gradient in the parameter dtype, and an fp32 master copy when parameters are
+stored in a lower precision and `master_fp32`.
+
+The estimate ignores XLA's temporary buffers and fragmentation: plans keep `headroom` (10%) free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama4_jax.config import Llama4Config, Policy
+from sharding.mesh import MeshConfig
+from sharding.params import param_specs, shard_bytes
+from sharding.rules import DATA_PARALLEL, EXPERT_PARALLEL, FSDP, FSDP_TP, INFERENCE, MESH_AXES, Rules
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  name: str
+  devices: int
+  hbm_gib: float  # memory per device
+
+
+HARDWARE = {
+    "8xh100": Hardware("8x H100 80GB", 8, 80.0),
+    "v5p-64": Hardware("TPU v5p-64 (32 chips)", 32, 95.0),
+    "v5p-128": Hardware("TPU v5p-128 (64 chips)", 64, 95.0),
+    "v6e-256": Hardware("TPU v6e-256", 256, 32.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """What one step runs."""
+
+  batch: int = 256  # global sequences per step
+  seq: int = 8192  # tokens per sequence
+  train: bool = True  # False: parameters only (+ activations of a forward, no optimizer)
+  remat: str = "full"  # "none" | "full" | "dots" | "minimal" (see Policy.remat)
+  master_fp32: bool = True  # keep an fp32 master copy when parameters are stored in a lower precision
+  attention: str = "einsum"  # "einsum": the model's XLA path keeps the T x S scores; "flash": a fused kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """Per-device bytes."""
+
+  rules: str
+  mesh: dict
+  params: int
+  grads: int
+  optimizer: int  # AdamW m and v in float32
+  master: int  # fp32 master copy (0 when parameters are fp32 or master_fp32 is off)
+  activations: int
+  tokens_per_device: int
+  notes: tuple[str, ...] = ()
+
+  @property
+  def total(self) -> int:
+    return self.params + self.grads + self.optimizer + self.master + self.activations
+
+  def fits(self, hbm_gib: float, headroom: float = 0.10) -> bool:
+    return self.total <= hbm_gib * GiB * (1 - headroom)
+
+
+def _sizes(mesh: MeshConfig | Mapping[str, int], devices: int | None = None) -> dict[str, int]:
+  if isinstance(mesh, MeshConfig):
+    if devices is None:
+      devices = math.prod(abs(s) for s in mesh.sizes_dict().values())
+    return mesh.shape(devices)
+  return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+
+
+def _split(rules: Rules, name: str, size: int, sizes: Mapping[str, int]) -> int:
+  """Factor by which the rules split a dimension of `size` named `name` (1 if not divisible)."""
+  n = math.prod(sizes[a] for a in rules.axes(name))
+  return n if size % n == 0 else 1
+
+
+def activation_bytes(cfg: Llama4Config, policy: Policy, rules: Rules, sizes: Mapping[str, int],
+                     work: Workload) -> tuple[int, int]:
+  """(activation bytes per device, tokens per device) by the formula of the module docstring."""
+  t_cfg = cfg.text
+  b = jnp.dtype(policy.dtype).itemsize
+  m = _split(rules, "act_batch", work.batch, sizes)
+  t = work.batch * work.seq // m
+  D, H, K, d = t_cfg.hidden_size, t_cfg.num_attention_heads, t_cfg.num_key_value_heads, t_cfg.head_dim
+  tp_h = _split(rules, "act_heads", H, sizes)
+  tp_f = _split(rules, "mlp", t_cfg.intermediate_size_mlp, sizes)
+  tp_i = _split(rules, "expert_mlp", t_cfg.intermediate_size, sizes)
+  tp_v = _split(rules, "act_vocab", t_cfg.vocab_size, sizes)
+  E, k, I, F = t_cfg.num_local_experts, t_cfg.num_experts_per_tok, t_cfg.intermediate_size, t_cfg.intermediate_size_mlp
+  n_exp = _split(rules, "experts", E, sizes)
+
+  def per_layer(i: int) -> float:
+    S = min(t_cfg.attention_chunk_size, work.seq) if t_cfg.use_rope(i) else work.seq
+    S = 1 if work.attention == "flash" else S
+    att = 2 * D + 2 * (H + 2 * K) * d / tp_h + H * d / tp_h + (4 / b) * H * S / tp_h
+    if t_cfg.is_moe(i):
+      ffn = D + (4 / b) * E + k * (D + 3 * I / tp_i) + 3 * I / tp_i
+    else:
+      ffn = D + 3 * F / tp_f
+    return t * b * (att + ffn)
+
+  L, p = t_cfg.num_hidden_layers, t_cfg.layer_period
+  if not work.train:
+    acts = max(per_layer(i) for i in range(L))  # a forward keeps only the current layer alive
+    n_rope = sum(t_cfg.use_rope(i) for i in range(L))
+    tp_k = _split(rules, "act_kv_heads", K, sizes)
+    cached = n_rope * min(t_cfg.attention_chunk_size, work.seq) + (L - n_rope) * work.seq
+    acts += (work.batch // m if work.batch % m == 0 else work.batch) * cached * 2 * K * d * b / tp_k
+  elif work.remat == "none":
+    acts = sum(per_layer(i) for i in range(L))
+  else:
+    acts = (L // p) * t * b * D + sum(per_layer(i) for i in range(p))
+  acts += (2 if work.train else 1) * t * t_cfg.vocab_size / tp_v * 4
+  if n_exp > 1 and t_cfg.moe_layers:
+    acts += 4 * n_exp * t * k * D * b
+  return int(acts), t
+
+
+def plan(cfg: Llama4Config, policy: Policy, rules: Rules, mesh: MeshConfig | Mapping[str, int],
+         work: Workload = Workload(), devices: int | None = None, abstract=None) -> MemoryPlan:
+  """Per-device memory of `cfg` under `rules` on a mesh of the given axis sizes (no devices needed).
+  `abstract`: the abstract model of (cfg, policy), to reuse across calls."""
+  from llama4_jax import llama4  # deferred: the model imports `sharding`
+
+  sizes = _sizes(mesh, devices)
+  abstract = abstract if abstract is not None else llama4.abstract(cfg, policy)
+  specs, notes = param_specs(abstract, rules, sizes)
+  elems = 0  # parameter elements per device
+  for var, spec in zip(jax.tree.leaves(nnx.state(abstract), is_leaf=_is_var),
+                       jax.tree.leaves(specs, is_leaf=_is_var)):
+    elems += shard_bytes(var.shape, jnp.int8, spec.get_value(), sizes)
+  pb = jnp.dtype(policy.param_dtype).itemsize
+  acts, t = activation_bytes(cfg, policy, rules, sizes, work)
+  train = work.train
+  master = 4 * elems if train and work.master_fp32 and pb < 4 else 0
+  return MemoryPlan(rules=rules.name, mesh={a: n for a, n in sizes.items() if n > 1} or {"data": 1},
+                    params=elems * pb, grads=elems * pb if train else 0, optimizer=8 * elems if train else 0,
+                    master=master, activations=acts, tokens_per_device=t, notes=tuple(notes))
+
+
+def candidates(cfg: Llama4Config, devices: int, train: bool = True) -> Iterable[tuple[Rules, dict[str, int]]]:
+  """Layouts worth trying on `devices` devices (powers of two per axis). Training: pure data parallel,
+  FSDP, expert parallel (expert | E) + FSDP, FSDP + tensor (tensor | kv heads, <= 8). Serving: data
+  parallel and the inference preset (tensor x expert, the rest data)."""
+  t = cfg.text
+  pows = [2 ** i for i in range(int(math.log2(devices)) + 1) if devices % 2 ** i == 0]
+  yield DATA_PARALLEL, {"data": devices}
+  if not train:
+    for tp in (p for p in pows if p <= 8 and t.num_key_value_heads % p == 0):
+      for e in (p for p in pows if devices % (tp * p) == 0 and t.num_local_experts % p == 0):
+        if tp * e > 1:
+          yield INFERENCE, {"data": devices // (tp * e), "expert": e, "tensor": tp}
+    return
+  for f in pows[1:]:
+    yield FSDP, {"data": devices // f, "fsdp": f}
+  for e in pows[1:]:
+    if t.num_local_experts % e == 0:
+      for f in (p for p in pows if devices % (e * p) == 0):
+        yield EXPERT_PARALLEL, {"data": devices // (e * f), "fsdp": f, "expert": e}
+  for tp in (p for p in pows[1:] if p <= 8 and t.num_key_value_heads % p == 0):
+    for f in (p for p in pows if devices % (tp * p) == 0):
+      yield FSDP_TP, {"data": devices // (tp * f), "fsdp": f, "tensor": tp}
+
+
+def choose_mesh(cfg: Llama4Config, policy: Policy, hardware: Hardware, work: Workload = Workload(),
+                headroom: float = 0.10, strict: bool = True) -> tuple[MeshConfig, Rules, MemoryPlan]:
+  """The layout that fits with the least model parallelism: among the candidates whose plan fits in
+  `hardware.hbm_gib * (1 - headroom)`, the one with the largest `data` axis (fewest per-layer
+  collectives), then the least memory. If none fits: ValueError naming the smallest plan, or (with
+  `strict=False`) that smallest plan itself."""
+  from llama4_jax import llama4
+
+  abstract = llama4.abstract(cfg, policy)
+  best, smallest = None, None
+  for rules, sizes in candidates(cfg, hardware.devices, work.train):
+    p = plan(cfg, policy, rules, sizes, work, abstract=abstract)
+    if smallest is None or p.total < smallest[2].total:
+      smallest = (rules, sizes, p)
+    if p.fits(hardware.hbm_gib, headroom):
+      key = (-sizes.get("data", 1), p.total)
+      if best is None or key < best[0]:
+        best = (key, rules, sizes, p)
+  if best is None:
+    rules, sizes, p = smallest
+    if strict:
+      raise ValueError(f"no layout fits {hardware.name} ({hardware.hbm_gib} GiB/device): the smallest is "
+                       f"{rules.name} {sizes} at {p.total / GiB:.1f} GiB/device")
+  else:
+    _, rules, sizes, p = best
+  return MeshConfig(**{a: sizes.get(a, 1) for a in MESH_AXES}), rules, p
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)

@@ -1,0 +1,98 @@
+"""Per-device memory plan (parameters, gradients, AdamW state, fp32 master, activation estimate).
+
+  python -m tools.plan --preset scout --mesh fsdp=8 --rules fsdp --dtype bfloat16
+  python -m tools.plan --preset scout,maverick --hardware 8xh100,v5p-128,v6e-256   # choose a mesh per target
+  python -m tools.plan --serve ...                                                  # serving: no optimizer
+
+With --mesh, the given layout is planned (--rules picks the preset, default fsdp). Without it, every
+--hardware target gets the layout `sharding.plan.choose_mesh` picks. The activation formula is in
+`sharding/plan.py`. Nothing is allocated: shapes come from `jax.eval_shape`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning needs no accelerator
+
+from llama4_jax import config as C  # noqa: E402
+from llama4_jax import llama4  # noqa: E402
+from sharding import plan as P  # noqa: E402
+from sharding.mesh import MeshConfig  # noqa: E402
+from sharding.rules import PRESETS as RULES  # noqa: E402
+
+_COLS = ("model", "target", "mode", "rules", "mesh", "params", "grads", "adam m+v", "master", "acts", "total",
+         "HBM", "fits")
+
+
+def _gib(x: float) -> str:
+  return f"{x / P.GiB:.1f}"
+
+
+def _row(model: str, target: str, hbm: float | None, work: P.Workload, p: P.MemoryPlan) -> tuple[str, ...]:
+  mesh = ",".join(f"{a}={n}" for a, n in p.mesh.items())
+  fits = "-" if hbm is None else ("yes" if p.fits(hbm) else "no")
+  return (model, target, "train" if work.train else "serve", p.rules, mesh, _gib(p.params), _gib(p.grads),
+          _gib(p.optimizer), _gib(p.master), _gib(p.activations), _gib(p.total),
+          "-" if hbm is None else f"{hbm:.0f}", fits)
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+  widths = [max(len(r[i]) for r in [_COLS, *rows]) for i in range(len(_COLS))]
+  fmt = " | ".join(f"{{:{w}}}" for w in widths)
+  lines = [fmt.format(*_COLS), "-+-".join("-" * w for w in widths)]
+  return "\n".join([*lines, *(fmt.format(*r) for r in rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", default="scout,maverick", help=f"model presets, comma-separated: {sorted(C.PRESETS)}")
+  ap.add_argument("--mesh", help="axis sizes, e.g. fsdp=8 or data=2,expert=4 (unnamed axes are 1)")
+  ap.add_argument("--rules", default="fsdp", help=f"sharding preset with --mesh: {sorted(RULES)}")
+  ap.add_argument("--hardware", default="8xh100,v5p-128,v6e-256", help=f"targets without --mesh: {sorted(P.HARDWARE)}")
+  ap.add_argument("--dtype", default="bfloat16", help="parameter and activation dtype")
+  ap.add_argument("--batch", type=int, help="global sequences per step (default: one per device)")
+  ap.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
+  ap.add_argument("--remat", default="full", choices=("none", "full", "dots", "minimal"))
+  ap.add_argument("--attention", default="einsum", choices=("einsum", "flash"),
+                  help="einsum: the model's XLA attention (keeps T x S scores); flash: a fused kernel")
+  ap.add_argument("--serve", action="store_true", help="serving: parameters + forward activations + KV cache")
+  ap.add_argument("--no-master", action="store_true", help="no fp32 master copy of low-precision parameters")
+  args = ap.parse_args(argv)
+
+  policy = C.Policy(param_dtype=args.dtype, dtype=args.dtype, matmul_precision="default")
+  base = P.Workload(seq=args.seq, train=not args.serve, remat=args.remat, master_fp32=not args.no_master,
+                      attention=args.attention)
+  rows, notes = [], []
+  for name in args.preset.split(","):
+    cfg = C.PRESETS[name.strip()]
+    abstract = llama4.abstract(cfg, policy)
+    if args.mesh:
+      mesh = MeshConfig.parse(args.mesh)
+      devices = 1
+      for v in mesh.sizes_dict().values():
+        devices *= v
+      work = dataclasses.replace(base, batch=args.batch or devices)
+      p = P.plan(cfg, policy, RULES[args.rules], mesh, work, abstract=abstract)
+      rows.append(_row(name, f"{devices} devices", None, work, p))
+      notes.extend(p.notes)
+      continue
+    for hw_name in args.hardware.split(","):
+      hw = P.HARDWARE[hw_name.strip()]
+      work = dataclasses.replace(base, batch=args.batch or hw.devices)
+      _, _, p = P.choose_mesh(cfg, policy, hw, work, strict=False)  # the smallest plan if none fits
+      rows.append(_row(name, hw.name, hw.hbm_gib, work, p))
+      notes.extend(p.notes)
+  print(f"GiB per device; dtype {args.dtype}; seq {args.seq}; remat {args.remat}; attention {args.attention}; "
+        f"batch {'one sequence per device' if not args.batch else args.batch}")
+  print(table(rows))
+  for n in notes:
+    print("note:", n)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
