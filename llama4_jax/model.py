@@ -89,7 +89,7 @@ class Attention(nnx.Module):
     else:
       out = attn_lib.attention(q, k, v, ctx.q_info, ctx.k_info, self.chunk, precision)
     if kv is not None and ctx.step.prefill:
-      kv = cache_lib.store(kv, k, v, ctx.step)
+      kv = cache_lib.store(kv, k, v, ctx.step, ring=self.chunk is not None)
     out = einsum("bthk,hkd->btd", out, self.o[...], p)
     return out if kv is None else (out, kv)
 
@@ -313,9 +313,13 @@ class TextModel(nnx.Module):
     h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     h, rl = self.run_layers(h, ctx)
     h = self.norm(h)
+    return Output(self.logits(h), h, rl)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final-norm hidden states [B, T, D] -> logits [B, T, V] float32 (the untied lm_head)."""
     logits = einsum("btd,dv->btv", h, self.lm_head[...], self.policy, out_dtype=jnp.float32,
                     quantize=self.policy.fp8_lm_head)
-    return Output(constrain(logits, ("act_batch", "act_seq", "act_vocab")), h, rl)
+    return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> jax.Array:
     return self.forward(input_ids, attention_mask, position_ids, segment_ids).logits
