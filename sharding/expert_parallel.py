@@ -68,7 +68,6 @@ def routed_experts(rules: Rules, mesh: jax.sharding.Mesh, experts_fn: Callable, 
   sizes = dict(mesh.shape)
   gu_spec, _ = rules.resolve(("experts", "embed", "gate_up", "expert_mlp"), gate_up.shape, sizes,
                              what="routed experts gate_up")
-  dn_spec, _ = rules.resolve(("experts", "expert_mlp", "embed"), down.shape, sizes, what="routed experts down")
   e_axes, f_axes = _axes(gu_spec[0]), _axes(gu_spec[3])
   if len(e_axes) > 1:
     raise NotImplementedError(f"rules {rules.name!r}: experts over several mesh axes {e_axes}; use one")
@@ -118,13 +117,13 @@ def _local(x, idx, scores, valid, gate_up, down, *, experts_fn, policy, ep, e_ax
   else:
     local = _local_experts(experts_fn, policy, A, El)
     if ep.mode == "ragged":
-      y = _dispatch_ragged(x, idx, scores, live, gate_up, down, local, e_axis, n)
+      y = _dispatch_ragged(x, idx, scores, live, gate_up, down, local, e_axis, n, axes)
       dropped = jnp.zeros((), jnp.int32)
     else:
       cap = A if ep.mode == "dropless" else max(1, math.ceil(ep.capacity_factor * A / n))
       y, dropped = _dispatch_padded(x, idx, scores, live, gate_up, down, local, e_axis, n, cap)
-  if f_axes:
-    y = jax.lax.psum(y, f_axes)
+  if f_axes:  # partial sums over the expert width: reduce in float32
+    y = jax.lax.psum(y.astype(jnp.float32), f_axes).astype(x.dtype)
   total = jnp.sum(live, dtype=jnp.int32)
   if tok_axes:
     dropped, total = jax.lax.psum(dropped, tok_axes), jax.lax.psum(total, tok_axes)
@@ -189,7 +188,7 @@ def _dispatch_padded(x, idx, scores, live, gate_up, down, local, e_axis, n, cap)
   return y.reshape(N, k, D).sum(axis=1).astype(x.dtype), dropped
 
 
-def _dispatch_ragged(x, idx, scores, live, gate_up, down, local, e_axis, n):
+def _dispatch_ragged(x, idx, scores, live, gate_up, down, local, e_axis, n, axes):
   """Steps 1-5 with `ragged_all_to_all`: only real rows travel. The receive buffer keeps the dropless
   worst case (n*A rows). Offsets: source s's rows for device d land at sum_{s' < s} count[s', d] in d's
   buffer, so every receive buffer is contiguous, in source order."""
@@ -209,16 +208,18 @@ def _dispatch_ragged(x, idx, scores, live, gate_up, down, local, e_axis, n):
   back_off = (jnp.cumsum(all_counts, axis=1) - all_counts)[:, me]  # = source s's in_off[me]
 
   rows = n * A
+  in_off, counts, out_off, recv_sizes, recv_off, back_off = (
+      _varying(a, axes) for a in (in_off, counts, out_off, recv_sizes, recv_off, back_off))
   send = functools.partial(ragged_all_to_all, input_offsets=in_off, send_sizes=counts, output_offsets=out_off,
                            recv_sizes=recv_sizes, axis_name=e_axis)
-  recv_x = send(op_x, jnp.zeros((rows, D), x.dtype))
-  recv_e = send(op_e, jnp.full((rows,), El, jnp.int32))
-  recv_s = send(op_s, jnp.zeros((rows,), scores.dtype))
+  recv_x = send(op_x, _varying(jnp.zeros((rows, D), x.dtype), axes))
+  recv_e = send(_varying(op_e, axes), _varying(jnp.full((rows,), El, jnp.int32), axes))
+  recv_s = send(op_s, _varying(jnp.zeros((rows,), scores.dtype), axes))
 
   y_recv = local(recv_x, recv_e[:, None], recv_s[:, None], gate_up, down)
   y_recv = jnp.where((recv_e < El)[:, None], y_recv, 0)
-  y_sorted = ragged_all_to_all(y_recv, jnp.zeros((A, D), y_recv.dtype), recv_off, recv_sizes, back_off, counts,
-                               axis_name=e_axis)
+  y_sorted = ragged_all_to_all(y_recv, _varying(jnp.zeros((A, D), y_recv.dtype), axes), recv_off, recv_sizes,
+                               back_off, counts, axis_name=e_axis)
   y = jnp.zeros((A, D), y_sorted.dtype).at[order].set(y_sorted)
   y = jnp.where(live[:, None], y, 0)
   return y.reshape(N, k, D).sum(axis=1).astype(x.dtype)
