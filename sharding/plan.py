@@ -99,7 +99,9 @@ class MemoryPlan:
 def _sizes(mesh: MeshConfig | Mapping[str, int], devices: int | None = None) -> dict[str, int]:
   if isinstance(mesh, MeshConfig):
     if devices is None:
-      devices = math.prod(abs(s) for s in mesh.sizes_dict().values())
+      if -1 in mesh.sizes_dict().values():
+        raise ValueError(f"mesh {mesh.sizes_dict()} has a -1 axis: pass `devices` to plan it")
+      devices = math.prod(mesh.sizes_dict().values())
     return mesh.shape(devices)
   return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -72,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     abstract = llama4.abstract(cfg, policy)
     if args.mesh:
       mesh = MeshConfig.parse(args.mesh)
-      devices = 1
-      for v in mesh.sizes_dict().values():
-        devices *= v
+      if -1 in mesh.sizes_dict().values():
+        ap.error("--mesh needs explicit sizes (no -1): the planner has no devices to fill with")
+      devices = math.prod(mesh.sizes_dict().values())
       work = dataclasses.replace(base, batch=args.batch or devices)
       p = P.plan(cfg, policy, RULES[args.rules], mesh, work, abstract=abstract)
       rows.append(_row(name, f"{devices} devices", None, work, p))
