@@ -255,3 +255,44 @@ def test_streaming_and_sampling_loop(pairs):
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert a.tokens.shape == (3, N_NEW) and (a.tokens != c.tokens).any()
   assert G.generate(ours, ids, mask, max_new_tokens=5, stop_ids=(), pad_id=0, cache_multiple=128).tokens.shape == (3, 5)
+
+
+class CharTokenizer:
+  """Characters as ids 20..275, the chat and image specials at the tiny configs' ids; eos 2, pad 0."""
+
+  SPECIAL = {"<|begin_of_text|>": 1, "<|end_of_text|>": 2, "<|header_start|>": 3, "<|header_end|>": 4,
+             "<|eot|>": 2, "<|image_start|>": BOI, "<|image_end|>": EOI, "<|tile_x_separator|>": TILE_X,
+             "<|tile_y_separator|>": TILE_Y, "<|image|>": IMAGE, "<|patch|>": C.TINY_SCOUT.image_token_index}
+  vocab_size, bos_id, eos_ids, pad_id = 320, 1, (2,), 0
+
+  def encode(self, text, *, bos=False, eos=False):
+    return [1] * bos + [20 + ord(c) % 256 for c in text] + [2] * eos
+
+  def decode(self, ids):
+    return "".join(chr(i - 20) if 20 <= i < 276 else f"<{i}>" for i in ids)
+
+  def token_id(self, special):
+    return self.SPECIAL[special]
+
+
+def test_chat_image_prompt_through_build_inputs(pairs):
+  """`generate_text`: chat format + an image (preprocessed into 1x2 tiles + global) via `prompt.build_inputs`,
+  streamed text; the same tokens as transformers `generate` on those inputs."""
+  from llama4_jax.prompt import build_inputs
+
+  ref, ours = pairs("scout")
+  tok = CharTokenizer()
+  image = np.random.RandomState(0).randint(0, 256, (40, 90, 3), np.uint8)
+  prompt = "Look: <|image|> What is it?"
+  inputs = build_inputs(tok, [prompt], [image], C.TINY_SCOUT.vision, chat=True)
+  assert inputs.pixel_values.shape[0] == 3 and inputs.input_ids[0, 0] == 1
+  want, margin = hf_generate(ref, inputs.input_ids.astype(np.int64), inputs.attention_mask.astype(np.int64),
+                             inputs.pixel_values.astype(np.float32), n=24)
+  assert margin > 1e-4
+  pieces = []
+  text = G.generate_text(ours, tok, prompt, [image], chat=True, max_new_tokens=24,
+                         on_text=lambda row, piece: pieces.append(piece))[0]
+  cut = [t for t in want[0] if t != 0]
+  if EOS in cut:
+    cut = cut[:cut.index(EOS)]
+  assert text == tok.decode(cut) == "".join(pieces)
