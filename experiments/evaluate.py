@@ -48,6 +48,15 @@ def _read_data(paths: list[str], field: str) -> list[str]:
   return texts
 
 
+def _run_seq_len(run_dir: str | None) -> int | None:
+  """The training context of a run (experiment.json, data.seq_len)."""
+  path = os.path.join(run_dir, "experiment.json") if run_dir else None
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("data", {}).get("seq_len")
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
   w = max(len(k) for k, _ in rows)
   return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
@@ -63,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--data", nargs="+", default=[], help="text / JSONL files (default: held-out Shakespeare)")
   ap.add_argument("--field", default="text", help="JSONL text field")
   ap.add_argument("--shakespeare-root", default="data/shakespeare")
-  ap.add_argument("--seq-len", type=int, default=256, help="predictions per window")
+  ap.add_argument("--seq-len", type=int, help="predictions per window (default: the run's training seq_len, "
+                  "else 256)")
   ap.add_argument("--batch-size", type=int, default=8)
   ap.add_argument("--mc", help="multiple-choice JSONL")
   ap.add_argument("--mc-delimiter", default=" ", help="text between context and each choice")
@@ -91,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   model, tok = loaded.model, loaded.tokenizer
   print(f"model: {loaded.description}")
+  if args.seq_len is None:
+    args.seq_len = _run_seq_len(loaded.run_dir) or 256
 
   if args.data:
     texts, data_desc = _read_data(args.data, args.field), ", ".join(args.data)
@@ -121,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = sample_prompts(texts, args.samples)
     sampling = G.Sampling(args.temperature, args.top_k, args.top_p)
     t0 = time.perf_counter()
-    outs = G.generate_text(model, tok, prompts, chat=False, max_new_tokens=args.sample_tokens, sampling=sampling,
-                           seed=args.seed)
-    results["sample_seconds"] = time.perf_counter() - t0
+    outs, gen = G.generate_text(model, tok, prompts, chat=False, max_new_tokens=args.sample_tokens,
+                                sampling=sampling, seed=args.seed, details=True)
+    results["generation"] = {"seconds_with_compilation": time.perf_counter() - t0, "rows": len(prompts),
+                             "steps": int(gen.tokens.shape[1]), "decode_tokens_per_s": gen.decode_tokens_per_s}
+    rows.append(("tokens/s (sampling, batch %d)" % len(prompts), f"{gen.decode_tokens_per_s:,.0f}"))
     samples = [{"prompt": p, "completion": o} for p, o in zip(prompts, outs)]
   results["samples"] = samples
 

@@ -244,10 +244,12 @@ def generate(model, input_ids, attention_mask=None, *, callback: Callable[[int, 
 
 def generate_text(model, tokenizer, prompts, images=None, *, chat: bool = True, max_new_tokens: int = 128,
                   sampling: Sampling = GREEDY, on_text: Callable[[int, str], Any] | None = None,
-                  **kw) -> list[str]:
+                  details: bool = False, **kw):
   """Completions of `prompts` (strings or message lists; `<|image|>` marks images, see `prompt.build_inputs`).
-  `chat`: wrap each prompt in the chat format with the assistant header (else: bos + the raw text). `on_text(row, piece)` streams the
-  decoded text of each row as it grows. Stops at the tokenizer's eos ids (the instruct set for Llama 4)."""
+
+  `chat`: wrap each prompt in the chat format with the assistant header (else: bos + the raw text).
+  `on_text(row, piece)` streams the decoded text of each row as it grows. Stops at the tokenizer's eos ids
+  (the instruct set for Llama 4). Returns the texts, or with `details` (texts, `Generation`)."""
   from llama4_jax.prompt import build_inputs, encode_parts, prompt_parts
 
   if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
@@ -289,6 +291,7 @@ def generate_text(model, tokenizer, prompts, images=None, *, chat: bool = True, 
           on_text(b, s[len(shown[b]):])
           shown[b] = s
 
-  generate(model, ids, mask, pixel_values=pixels, max_new_tokens=max_new_tokens, sampling=sampling,
-           stop_ids=stops, pad_id=pad, callback=on_step, **kw)
-  return [tokenizer.decode(k) for k in kept]
+  gen = generate(model, ids, mask, pixel_values=pixels, max_new_tokens=max_new_tokens, sampling=sampling,
+                 stop_ids=stops, pad_id=pad, callback=on_step, **kw)
+  texts = [tokenizer.decode(k) for k in kept]
+  return (texts, gen) if details else texts
