@@ -39,11 +39,17 @@ train: $(STAMP) $(SHAKESPEARE)
 eval: $(STAMP)
 	@echo "make eval: not yet (evaluation lands with issue 7)"; exit 1
 
+# make convert ARGS="hf-to-orbax HF_DIR ORBAX_DIR [--dtype bfloat16] [--keep-fp8]"
+# make convert ARGS="orbax-to-hf ORBAX_DIR HF_DIR [--max-shard-size 5GB]"
 convert: $(STAMP)
-	@echo "make convert: not yet (the conversion tool lands with issue 4)"; exit 1
+	$(VPY) -m tools.convert $(ARGS)
 
 bench: $(STAMP)
 	@echo "make bench: not yet (the benchmark suite lands with issue 8)"; exit 1
+
+# make plan ARGS="--preset scout --hardware 8xh100,v5p-64,v6e-256"
+plan: $(STAMP)
+	$(VPY) -m tools.plan $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
