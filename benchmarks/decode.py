@@ -12,7 +12,9 @@ warm-up run (our compilation is excluded):
                  ours: measured between the first and last streamed token; transformers: generate(new_tokens)
                  minus generate(1) (its prefill and first token)
   total tok/s    B * new_tokens / wall time of the whole generate call (prefill included)
-transformers runs its default attention (sdpa) in float32 with torch's intra-op threads = the CPU count.
+transformers runs its default attention (sdpa) in float32; it is timed with each of --torch-threads intra-op
+thread counts and the faster is reported (on a shared 2-core box two contending torch threads can be 20x slower
+than one).
 """
 
 from __future__ import annotations
@@ -75,10 +77,10 @@ def main(argv=None) -> int:
   ap.add_argument("--prompt-len", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=128)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--torch-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
   ap.add_argument("--json", help="also write the results here")
   args = ap.parse_args(argv)
 
-  torch.set_num_threads(os.cpu_count() or 1)
   cfg = small_config()
   n = args.new_tokens
   with tempfile.TemporaryDirectory() as d:
@@ -88,15 +90,19 @@ def main(argv=None) -> int:
   for B in args.batch_sizes:
     ids = np.random.RandomState(B).randint(10, cfg.text.vocab_size, (B, args.prompt_len))
     time_ours(ours, ids, n)  # compile
-    time_hf(ref, ids, 2)  # warm up
     ours_runs = [time_ours(ours, ids, n) for _ in range(args.repeats)]
-    hf_full = [time_hf(ref, ids, n) for _ in range(args.repeats)]
-    hf_first = [time_hf(ref, ids, 1) for _ in range(args.repeats)]
     o_dec, o_tot = statistics.median(r[0] for r in ours_runs), statistics.median(r[1] for r in ours_runs)
-    h_tot, h_first = statistics.median(hf_full), statistics.median(hf_first)
-    h_dec = max(h_tot - h_first, 1e-9)
+    best = None
+    for threads in args.torch_threads:
+      torch.set_num_threads(threads)
+      time_hf(ref, ids, 2)  # warm up
+      h_tot = statistics.median(time_hf(ref, ids, n) for _ in range(args.repeats))
+      h_first = statistics.median(time_hf(ref, ids, 1) for _ in range(args.repeats))
+      if best is None or h_tot < best[1]:
+        best = (threads, h_tot, max(h_tot - h_first, 1e-9))
+    threads, h_tot, h_dec = best
     row = {"batch": B, "ours_decode_tok_s": B * (n - 1) / o_dec, "hf_decode_tok_s": B * (n - 1) / h_dec,
-           "ours_total_tok_s": B * n / o_tot, "hf_total_tok_s": B * n / h_tot}
+           "ours_total_tok_s": B * n / o_tot, "hf_total_tok_s": B * n / h_tot, "torch_threads": threads}
     row["decode_ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
     row["total_ratio"] = row["ours_total_tok_s"] / row["hf_total_tok_s"]
     rows.append(row)
@@ -105,11 +111,13 @@ def main(argv=None) -> int:
   print(f"\n{jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), jax {jax.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}; prompt {args.prompt_len}, {n} new tokens, median of "
         f"{args.repeats}\n")
-  print("| batch | ours decode tok/s | transformers decode tok/s | ratio | ours total tok/s | transformers total tok/s | ratio |")
-  print("|---:|---:|---:|---:|---:|---:|---:|")
+  print("| batch | ours decode tok/s | transformers decode tok/s | ratio | ours total tok/s | "
+        "transformers total tok/s | ratio | torch threads |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     print(f"| {r['batch']} | {r['ours_decode_tok_s']:,.0f} | {r['hf_decode_tok_s']:,.0f} | {r['decode_ratio']:.1f}x "
-          f"| {r['ours_total_tok_s']:,.0f} | {r['hf_total_tok_s']:,.0f} | {r['total_ratio']:.1f}x |")
+          f"| {r['ours_total_tok_s']:,.0f} | {r['hf_total_tok_s']:,.0f} | {r['total_ratio']:.1f}x | "
+          f"{r['torch_threads']} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"args": vars(args), "rows": rows}, f, indent=2)

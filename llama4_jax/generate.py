@@ -40,7 +40,7 @@ class Sampling:
 
   temperature: float = 0.0  # 0: greedy argmax; else logits / temperature, then a categorical draw
   top_k: int = 0  # keep the k largest logits (ties at the k-th kept); 0: off
-  top_p: float = 1.0  # keep the smallest top set with probability mass > 1 - top_p ... see `process_logits`
+  top_p: float = 1.0  # nucleus: drop the least likely tokens whose total mass is <= 1 - top_p; 1: off
 
   def __post_init__(self):
     if self.temperature < 0:
