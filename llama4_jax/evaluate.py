@@ -286,6 +286,8 @@ def _step_dir(path: str) -> tuple[str, str | None]:
   if os.path.isdir(os.path.join(p, "params")) and os.path.isdir(os.path.join(p, "meta")):
     return p, os.path.dirname(os.path.dirname(p))
   ck_dir, run_dir = (os.path.join(p, "checkpoints"), p) if os.path.isdir(os.path.join(p, "checkpoints")) else (p, None)
+  if not os.path.isdir(ck_dir):
+    raise FileNotFoundError(f"{path}: no such checkpoint directory")
   with Checkpointer(ck_dir, keep=None, async_save=False) as ck:
     step = ck.latest_step()
   if step is None:
