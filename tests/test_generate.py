@@ -7,7 +7,6 @@ Every comparison also checks that transformers' top-2 logit margin stays far abo
 agreement is not luck and a disagreement would not be a near tie.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
