@@ -15,7 +15,10 @@ Expert weights: gate_up [E, D, 2, I] (index 0 = gate, 1 = up), down [E, I, D]; E
 
 from __future__ import annotations
 
+import functools
 import math
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +53,59 @@ def block_size(assignments: int, experts: int, max_block: int) -> int:
   """Token block of the grouped matmul: about the mean group size, a power of two in [8, max_block]."""
   target = max(8, -(-assignments // experts))
   return min(max_block, 1 << math.ceil(math.log2(target)))
+
+
+def _block_weights(gate_up, down, e):
+  return (jax.lax.dynamic_index_in_dim(gate_up, e, keepdims=False),
+          jax.lax.dynamic_index_in_dim(down, e, keepdims=False))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def grouped_ffn(slots: jax.Array, block_expert: jax.Array, live: jax.Array, gate_up: jax.Array,
+                down: jax.Array, policy: Policy) -> jax.Array:
+  """Expert FFN on token blocks: slots [n, b, D], block n uses expert block_expert[n]; dead blocks
+  (live False) are skipped and give zeros. A scan over blocks slicing one expert's weights at a time.
+
+  The backward pass is written by hand: automatic differentiation of the dynamic weight slice would add a
+  full [E, ...] zero-padded gradient per block (O(n_blocks * E * D * I)); here each block's weight
+  gradient is added into its own expert's slice of the accumulator in place."""
+  def one_block(_, inp):
+    u, e, lv = inp
+    y = jax.lax.cond(lv, lambda: _expert_ffn(u, *_block_weights(gate_up, down, e), policy),
+                     lambda: jnp.zeros_like(u, dtype=jnp.dtype(policy.dtype)))
+    return None, y
+
+  return jax.lax.scan(one_block, None, (slots, block_expert, live))[1]
+
+
+def _grouped_fwd(slots, block_expert, live, gate_up, down, policy):
+  return grouped_ffn(slots, block_expert, live, gate_up, down, policy), (slots, block_expert, live, gate_up, down)
+
+
+def _grouped_bwd(policy, res, g):
+  slots, block_expert, live, gate_up, down = res
+
+  def add_at(acc, e, d):
+    return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, e, keepdims=False) + d, e, 0)
+
+  def one_block(acc, inp):
+    u, e, lv, gy = inp
+
+    def live_block():
+      w1, w2 = _block_weights(gate_up, down, e)
+      _, vjp = jax.vjp(lambda uu, a, b: _expert_ffn(uu, a, b, policy), u, w1, w2)
+      du, d1, d2 = vjp(gy.astype(jnp.dtype(policy.dtype)))
+      return (add_at(acc[0], e, d1.astype(acc[0].dtype)), add_at(acc[1], e, d2.astype(acc[1].dtype))), du.astype(u.dtype)
+
+    return jax.lax.cond(lv, live_block, lambda: (acc, jnp.zeros_like(u)))
+
+  acc0 = (jnp.zeros_like(gate_up), jnp.zeros_like(down))
+  (d_gate_up, d_down), d_slots = jax.lax.scan(one_block, acc0, (slots, block_expert, live, g))
+  float0 = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+  return d_slots, float0(block_expert), float0(live), d_gate_up, d_down
+
+
+grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array, down: jax.Array,
@@ -87,16 +143,7 @@ def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   used = jnp.sum(padded)
   block_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), block_first_slot, side="right"), 0, E - 1)
 
-  def one_block(_, inp):
-    u_blk, e, live = inp
-    y = jax.lax.cond(
-        live,
-        lambda: _expert_ffn(u_blk, jax.lax.dynamic_index_in_dim(gate_up, e, keepdims=False),
-                            jax.lax.dynamic_index_in_dim(down, e, keepdims=False), policy),
-        lambda: jnp.zeros_like(u_blk))
-    return None, y
-
-  _, out = jax.lax.scan(one_block, None, (slots, block_expert, block_first_slot < used))
+  out = grouped_ffn(slots, block_expert, block_first_slot < used, gate_up, down, policy)
   y = out.reshape(n_blocks * b, D)[slot]  # [A, D]
   return y.reshape(N, k, D).sum(axis=1).astype(x.dtype)
 
