@@ -36,8 +36,9 @@ test-all: $(STAMP)
 train: $(STAMP) $(SHAKESPEARE)
 	@echo "make train: not yet (the training pipeline lands with issue 6)"; exit 1
 
-eval: $(STAMP)
-	@echo "make eval: not yet (evaluation lands with issue 7)"; exit 1
+# Evaluates the checkpoint left by `make train` on the held-out plays (or ARGS="--checkpoint DIR --data f.txt").
+eval: $(STAMP) $(SHAKESPEARE)
+	$(VPY) -m experiments.evaluate $(ARGS)
 
 # make convert ARGS="hf-to-orbax HF_DIR ORBAX_DIR [--dtype bfloat16] [--keep-fp8]"
 # make convert ARGS="orbax-to-hf ORBAX_DIR HF_DIR [--max-shard-size 5GB]"
