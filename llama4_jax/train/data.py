@@ -107,12 +107,23 @@ def train_iterator(corpus: Corpus, cfg: DataConfig):
   return iter(ds)
 
 
-def eval_batches(corpus: Corpus, cfg: DataConfig, limit: int = 0):
-  """This process's validation batches in order (the last one padded with empty rows); `limit` > 0 stops
-  after that many."""
+def eval_batches(corpus: Corpus, cfg: DataConfig, limit: int = 0) -> list[dict]:
+  """This process's validation batches in order (the last one padded with empty rows); `limit` > 0 keeps
+  the first `limit`. Every process gets the same number of batches (padded with empty ones), since each
+  evaluation step is a collective over all of them."""
   n, i = jax.process_count(), jax.process_index()
   ds = pipeline.eval_dataset(corpus.val[i::n], seq_len=cfg.seq_len, batch_size=cfg.batch_size // n)
-  for k, batch in enumerate(ds):
-    if limit and k >= limit:
-      return
-    yield batch
+  batches = []
+  for batch in ds:
+    if limit and len(batches) >= limit:
+      break
+    batches.append(batch)
+  if n > 1:
+    from jax.experimental import multihost_utils
+
+    most = int(multihost_utils.process_allgather(np.array([len(batches)], np.int32)).max())
+    shape = (cfg.batch_size // n, cfg.seq_len)
+    empty = {k: np.zeros(shape, np.float32 if k == "loss_mask" else np.int32)
+             for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+    batches += [empty] * (most - len(batches))
+  return batches

@@ -109,9 +109,9 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
   (default: all devices of all processes)."""
   t_start = time.perf_counter()
   run_dir = os.path.abspath(os.path.join(exp.run.out_dir, exp.name))
+  mesh = sharding.make_mesh(exp.mesh, devices)  # first: multi-host runs initialise jax.distributed here
   main = jax.process_index() == 0
   os.makedirs(run_dir, exist_ok=True)
-  mesh = sharding.make_mesh(exp.mesh, devices)
   drops = DropMonitor()
   rules = drops.attach(sharding.preset(exp.rules))
   cfg, cfg_source = model_config(exp)

@@ -15,19 +15,25 @@ The loss used here. Let
   pi_e = P_e / sum_j P_j                           its share of the total router probability
   L_bal = E * sum_e f_e * pi_e                     (averaged over the MoE layers)
 Properties:
-  * Scale-free: multiplying every sigmoid by the same factor leaves pi unchanged, so the loss cannot be
-    lowered by silencing the router; d L_bal / d P_e = E (f_e - sum_j f_j pi_j) / sum_j P_j is centred:
-    it pushes the probability of over-loaded experts (f_e above the pi-weighted mean) down and of
-    under-loaded ones up, by exactly opposite total amounts.
+  * No reward for silencing the router: pi is invariant to a common rescaling of the P_e (which is what
+    shifting every logit down does once the sigmoids are small), and
+    d L_bal / d P_e = E (f_e - sum_j f_j pi_j) / sum_j P_j is centred (sum_e P_e * grad_e = 0): it
+    pushes the probability of over-loaded experts (f_e above the pi-weighted mean) down and of
+    under-loaded ones up, never all of them the same way.
   * Known value under balance: with uniform routing (f_e = 1/E) L_bal = sum_e pi_e = 1 whatever the
     probabilities.
   * Minimum in the confident regime: when the router is sharp (the selected sigmoids near 1, the others
     near 0, which is where training goes), pi_e -> f_e and L_bal -> E sum_e f_e^2 >= (sum_e f_e)^2 = 1
-    (Cauchy-Schwarz), with equality iff f is uniform; all traffic on one expert gives E.
+    (Cauchy-Schwarz), with equality iff f is uniform; all traffic on one expert gives E. (With soft
+    sigmoids it can dip a little below 1, as the Switch loss can: probability spread on experts that
+    the tokens do not select.)
   f is a count (no gradient); the gradient flows through pi only, as in the Switch loss.
 
-Router z-loss (ST-MoE): mean over tokens of logsumexp(z_n)^2; keeps the router logits small so the
-float32 sigmoid never saturates and bf16 logits stay exact enough for the top-k.
+Router z-loss, sigmoid version: mean over real tokens and experts of z_ne^2. ST-MoE's z-loss,
+logsumexp(z_n)^2, bounds the scale of *softmax* logits; under independent sigmoids its gradient
+(2 lse * softmax(z)) pushes every logit down whenever lse > 0, i.e. it silences the router like the
+unnormalised Switch loss would. Penalising each logit's square keeps the logits near 0 (sigmoids out of
+saturation, bf16 logits exact enough for the top-k) without preferring a sign.
 
 Aux-loss-free balancing (DeepSeek-V3): a per-expert bias b_e is added to the logits for the top-k
 *selection only* (`llama4_jax.moe.route`); after every step, outside the gradient,
@@ -71,10 +77,10 @@ def load_balance_loss(router_logits: jax.Array, counts: jax.Array, weights: jax.
 
 
 def router_z_loss(router_logits: jax.Array, weights: jax.Array) -> jax.Array:
-  """Mean over layers and real tokens of logsumexp(logits)^2."""
+  """Mean over layers, real tokens and experts of the squared router logits."""
   w = weights.astype(jnp.float32)
-  lse = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)  # [L, N]
-  return jnp.mean(jnp.einsum("ln,n->l", lse * lse, w) / jnp.maximum(w.sum(), 1.0))
+  sq = jnp.mean(jnp.square(router_logits.astype(jnp.float32)), axis=-1)  # [L, N]
+  return jnp.mean(jnp.einsum("ln,n->l", sq, w) / jnp.maximum(w.sum(), 1.0))
 
 
 def update_selection_bias(bias: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
