@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                   help="fine-tune from a converted checkpoint (python -m tools.convert hf-to-orbax ...)")
   ap.add_argument("--freeze-vision", action="store_true", help="no updates to the vision tower and projector")
   ap.add_argument("--print-config", action="store_true", help="print the resolved experiment and exit")
+  dist = ap.add_argument_group("multi-host without a cluster manager (TPU VMs, SLURM and Open MPI are detected)")
+  dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (jax.distributed)")
+  dist.add_argument("--num-processes", type=int, help="number of processes (one per host)")
+  dist.add_argument("--process-id", type=int, help="this process's index, 0 .. num_processes - 1")
   args = ap.parse_args(argv)
 
   from llama4_jax.train import config as tc
@@ -65,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
   if args.print_config:
     print(json.dumps(tc.to_dict(exp), indent=2))
     return 0
+
+  if args.coordinator or args.num_processes is not None or args.process_id is not None:
+    import sharding
+
+    sharding.initialize_distributed(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                    process_id=args.process_id)
 
   from llama4_jax.train.loop import TrainingDiverged, run
 
