@@ -33,8 +33,9 @@ test: $(STAMP) $(SHAKESPEARE)
 test-all: $(STAMP) $(SHAKESPEARE)
 	$(VPY) -m pytest -q -n 2 -m "" $(ARGS)
 
+# The built-in default (experiments/configs/cpu_default.py); ARGS="--config scout_tpu --set ..." for others.
 train: $(STAMP) $(SHAKESPEARE)
-	@echo "make train: not yet (the training pipeline lands with issue 6)"; exit 1
+	$(VPY) -m experiments.train $(ARGS)
 
 # Evaluates the checkpoint left by `make train` on the held-out plays (or ARGS="--checkpoint DIR --data f.txt").
 eval: $(STAMP) $(SHAKESPEARE)
