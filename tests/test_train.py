@@ -94,12 +94,12 @@ def setup(workdir):
   corpus = train_data.load_corpus(exp.data)
   model = llama4.init(cfg, exp.policy, seed=0)
   parts, params, frozen, bias = ModelParts.split(model)
-  tx = optim.make(exp.optim, 100, parts.params)
-  lr = optim.schedule(exp.optim, 100)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, bias=bias,
-                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
+  tx = optim.make(exp.optim, parts.params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), total_steps=jnp.asarray(100, jnp.int32), params=params,
+                     frozen=frozen, bias=bias, opt_state=tx.init(params),
+                     rng=jax.random.key_data(jax.random.key(0)))
   k = cfg.text.num_experts_per_tok
-  train = jax.jit(step_lib.make_train_step(parts, tx, lr, exp.moe, k))
+  train = jax.jit(step_lib.make_train_step(parts, tx, exp.optim, exp.moe, k))
   batch = {kk: jnp.asarray(v) for kk, v in next(train_data.train_iterator(corpus, exp.data)).items()}
   return dict(exp=exp, cfg=cfg, corpus=corpus, parts=parts, state=state, train=train, batch=batch, model=model)
 
@@ -121,11 +121,11 @@ def test_gradient_accumulation_matches_the_full_batch(setup):
   losses are per-micro-batch statistics, as in any accumulation scheme, so they are left out here)."""
   exp, parts, state, batch = setup["exp"], setup["parts"], setup["state"], setup["batch"]
   moe_cfg = tc.MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0)
-  tx = optax.sgd(1.0)
+  tx, opt_cfg = optax.identity(), tc.OptimConfig(lr=1.0, warmup_steps=0)  # the update is the gradient
   st = dataclasses.replace(state, opt_state=tx.init(state.params))
   grads = {}
   for a in (1, 4):
-    fn = jax.jit(step_lib.make_train_step(parts, tx, lambda s: 1.0, moe_cfg, 1, grad_accum=a))
+    fn = jax.jit(step_lib.make_train_step(parts, tx, opt_cfg, moe_cfg, 1, grad_accum=a))
     new, m = fn(st, batch)
     grads[a] = jax.tree.map(lambda p, q: p - q, st.params, new.params)
   a, b = jax.tree.leaves(grads[1]), jax.tree.leaves(grads[4])
@@ -396,3 +396,30 @@ def test_schedule_warms_up_then_decays_to_the_floor():
   s = optim.schedule(tc.OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1), 100)
   assert float(s(0)) == pytest.approx(0.1) and float(s(9)) == pytest.approx(1.0)
   assert float(s(4)) == pytest.approx(0.5) and 0.1 < float(s(50)) < 1.0 and float(s(99)) == pytest.approx(0.1)
+
+
+def test_time_budget_fits_the_steps_into_what_is_left(workdir):
+  exp = tiny(workdir, "run.steps=1000", "run.time_budget_s=600", "run.final_reserve_s=60", "run.eval_every=100",
+             "run.eval_batches=3")
+  # 600 - 40 elapsed - 60 reserve = 500 s left
+  assert loop.budgeted_steps(exp, 6, 1.0, 40.0) == 6 + 500
+  assert loop.budgeted_steps(exp, 6, 0.01, 40.0) == 1000  # capped by run.steps
+  assert loop.budgeted_steps(exp, 6, 1.0, 700.0) == 7  # already over: one last step at the floor rate
+  assert loop.budgeted_steps(exp, 1000, 1.0, 700.0) == 1000
+  # the first fit counts the periodic validation batches (3 per 100 steps, each a third of a train step)
+  assert loop.probe_step_s(exp, 1.0) == pytest.approx(1.01)
+  assert loop.probe_step_s(tiny(workdir, "run.eval_every=0"), 1.0) == 1.0
+
+
+def test_budgeted_run_ends_its_schedule_at_its_last_step(workdir):
+  """A budget already spent when the probe steps are timed cuts the run to one more step; the cosine is
+  refitted to that length (no recompilation), so the last step trains at the floor learning rate."""
+  exp = tiny(workdir, "name=budget", "run.steps=40", "run.time_budget_s=0.5", "run.final_reserve_s=0",
+             "run.ckpt_every=0")
+  s = loop.run(exp, log=lambda *_: None)
+  probe = 1 + loop.BUDGET_PROBE_STEPS
+  assert s["steps"] == probe + 1
+  lrs = {r["step"]: r["lr"] for r in read_jsonl(os.path.join(s["run_dir"], "metrics.jsonl")) if r.get("split") == "train"}
+  assert sorted(lrs) == list(range(1, probe + 2))
+  assert lrs[probe + 1] == pytest.approx(exp.optim.lr * exp.optim.min_lr_ratio)
+  assert lrs[1] == pytest.approx(exp.optim.lr / exp.optim.warmup_steps)

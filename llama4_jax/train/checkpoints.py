@@ -3,7 +3,8 @@
 Items of a step:
   params      every `nnx.Param` of the model (trainable and frozen together), the pure-dict layout of a
               converted model, so `restore_params` / `tools.convert orbax-to-hf` read a training step as is
-  opt_state   {"optimizer": optax state, "bias": MoE selection biases, "step": int32, "rng": key data}
+  opt_state   {"optimizer": optax state, "bias": MoE selection biases, "step", "total_steps": int32,
+               "rng": key data}
   data_state  {"process_count": n, "states": [iterator state of process 0, 1, ...]} (grain `get_state`)
   meta        {"config": HF config.json dict, "experiment": the Experiment as a dict, ...}
 """
@@ -60,7 +61,8 @@ def local_data_state(saved: dict) -> dict:
 
 
 def save(ck: Checkpointer, state: TrainState, data_state: dict, meta: dict, force: bool = False) -> bool:
-  opt = {"optimizer": state.opt_state, "bias": state.bias, "step": state.step, "rng": state.rng}
+  opt = {"optimizer": state.opt_state, "bias": state.bias, "step": state.step, "total_steps": state.total_steps,
+         "rng": state.rng}
   return ck.save(int(state.step), merge_params(state.params, state.frozen), opt, gather_data_state(data_state),
                  meta, force=force)
 
@@ -74,10 +76,12 @@ def restore(ck: Checkpointer, parts: ModelParts, shardings: TrainState, abstract
   params_t = merge_params(target(abstract.params, shardings.params), target(abstract.frozen, shardings.frozen))
   opt_t = {"optimizer": target(abstract.opt_state, shardings.opt_state),
            "bias": target(abstract.bias, shardings.bias),
-           "step": target(abstract.step, shardings.step), "rng": target(abstract.rng, shardings.rng)}
+           "step": target(abstract.step, shardings.step),
+           "total_steps": target(abstract.total_steps, shardings.total_steps),
+           "rng": target(abstract.rng, shardings.rng)}
   r = ck.restore(step, params_target=params_t, opt_target=opt_t)
   params, frozen = split_params(parts, r["params"])
   o = r["opt_state"]
-  state = TrainState(step=o["step"], params=params, frozen=frozen, bias=o["bias"], opt_state=o["optimizer"],
-                     rng=o["rng"])
+  state = TrainState(step=o["step"], total_steps=o["total_steps"], params=params, frozen=frozen, bias=o["bias"],
+                     opt_state=o["optimizer"], rng=o["rng"])
   return state, local_data_state(r["data_state"]), r["meta"]

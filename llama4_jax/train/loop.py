@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 import sharding
 from llama4_jax import checkpoint as ckpt_lib
@@ -74,6 +75,9 @@ def _fresh_params(exp: Experiment, cfg, rules, mesh, freeze: bool) -> tuple[dict
   """(params, frozen, bias) pure dicts, placed by the rules: random init, or restored from `run.init_from`
   (every device reads its own slice; floating leaves cast to the policy's parameter dtype)."""
   if exp.run.init_from:
+    if ckpt_lib.read_info(exp.run.init_from).get("fp8"):
+      raise ValueError(f"run.init_from={exp.run.init_from}: holds FP8 expert weights (converted with --keep-fp8, "
+                       f"for inference); convert the release without --keep-fp8 to fine-tune it")
     graphdef, state = nnx.split(llama4.abstract(cfg, exp.policy))
     target = ckpt_lib.abstract_target(state, sharding.param_shardings(state, rules, mesh, warn=False))
     model = nnx.merge(graphdef, ckpt_lib.restore_params(exp.run.init_from, target))
@@ -100,6 +104,27 @@ def evaluate(eval_fn, state: TrainState, batches, batch_sharding) -> dict:
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
 
 
+BUDGET_PROBE_STEPS = 5  # steps timed (after the compiling one) before `run.time_budget_s` first fixes the length
+
+
+def budgeted_steps(exp: Experiment, step: int, per_step_s: float, elapsed_s: float) -> int:
+  """The run's length under `run.time_budget_s`: `step` plus as many steps of `per_step_s` (wall time per
+  step, periodic evaluations and checkpoints included) as fit in what is left of the budget after
+  `run.final_reserve_s` (final evaluation, checkpoint, sample); at most `run.steps`. Called after step `step`
+  ran, so at least one more step (run on the refitted schedule's last, floor learning rate) when the budget
+  is already spent."""
+  r = exp.run
+  left = r.time_budget_s - elapsed_s - r.final_reserve_s
+  return int(min(r.steps, max(step + 1, step + left // per_step_s)))
+
+
+def probe_step_s(exp: Experiment, train_step_s: float) -> float:
+  """Wall time per step predicted from the first train steps alone: the periodic validation passes
+  added (a validation batch costs about a third of a train step)."""
+  r = exp.run
+  return train_step_s * (1.0 + (r.eval_batches / (3.0 * r.eval_every) if r.eval_every else 0.0))
+
+
 def _finite(*xs) -> bool:
   return all(math.isfinite(float(x)) for x in xs)
 
@@ -108,6 +133,8 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
   """Trains `exp`; returns the summary (also written to summary.json). `devices`: the mesh's devices
   (default: all devices of all processes)."""
   t_start = time.perf_counter()
+  if exp.policy.expert_fp8:
+    raise ValueError("policy.expert_fp8: FP8-stored expert weights are for inference; train with policy.fp8='train'")
   run_dir = os.path.abspath(os.path.join(exp.run.out_dir, exp.name))
   mesh = sharding.make_mesh(exp.mesh, devices)  # first: multi-host runs initialise jax.distributed here
   main = jax.process_index() == 0
@@ -142,14 +169,14 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
   if exp.moe.bias_balancing:
     enable_selection_bias(abstract_model)
   parts, *_ = ModelParts.split(abstract_model, freeze)
-  tx = optim.make(exp.optim, exp.run.steps, parts.params)
-  lr = optim.schedule(exp.optim, exp.run.steps)
+  tx = optim.make(exp.optim, parts.params)
   shardings = step_lib.state_shardings(parts, tx, rules, mesh)
   batch_sh = sharding.batch_sharding(rules, mesh, (D.batch_size, D.seq_len))
 
   def new_state(params, frozen, bias):
     key = jax.random.key_data(jax.random.key(exp.run.seed))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, bias=bias,
+    return TrainState(step=jnp.zeros((), jnp.int32), total_steps=jnp.asarray(exp.run.steps, jnp.int32),
+                      params=params, frozen=frozen, bias=bias,
                       opt_state=tx.init(params), rng=key)
 
   make_state = jax.jit(new_state, out_shardings=shardings)
@@ -161,8 +188,13 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
                               nnx.to_pure_dict(parts.bias))
     state, data_state, _ = checkpoints.restore(ck, parts, shardings, abstract, resumed_from)
     it.set_state(data_state)
+    if not exp.run.time_budget_s and int(state.total_steps) != exp.run.steps:  # e.g. --set run.steps=... to extend
+      if main:
+        log(f"[{exp.name}] run length {int(state.total_steps)} -> {exp.run.steps} steps (run.steps)")
+      state = dataclasses.replace(state, total_steps=jax.device_put(jnp.asarray(exp.run.steps, jnp.int32),
+                                                                    shardings.total_steps))
     if main:
-      log(f"[{exp.name}] resumed from step {resumed_from} ({ck.directory})")
+      log(f"[{exp.name}] resumed from step {resumed_from} of {int(state.total_steps)} ({ck.directory})")
   else:
     if resume and main:
       log(f"[{exp.name}] --resume: no checkpoint in {ck.directory}, starting from scratch")
@@ -174,7 +206,7 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
       log(f"[{exp.name}] parameters from {exp.run.init_from}" + (" (vision tower frozen)" if freeze else ""))
   start = int(state.step)
 
-  step_fn = step_lib.make_train_step(parts, tx, lr, exp.moe, cfg.text.num_experts_per_tok, exp.optim.grad_accum)
+  step_fn = step_lib.make_train_step(parts, tx, exp.optim, exp.moe, cfg.text.num_experts_per_tok, exp.optim.grad_accum)
   train_fn = step_lib.jit_train_step(step_fn, shardings, batch_sh)
   eval_fn = step_lib.jit_eval_step(step_lib.make_eval_step(parts, cfg.text.num_experts_per_tok), shardings,
                                    batch_sh)
@@ -184,8 +216,9 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
   tokens_per_step = D.batch_size * D.seq_len
   if main:
     log(f"[{exp.name}] {flops_tok / 1e6:.1f} MFLOP/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); "
-        f"{exp.run.steps} steps of {tokens_per_step:,} tokens")
-  progress = metrics.Progress(exp.run.steps, start) if main else None
+        f"{int(state.total_steps)} steps of {tokens_per_step:,} tokens")
+  total = int(state.total_steps)
+  progress = metrics.Progress(total, start) if main else None
 
   def meta() -> dict:
     return {"config": config_lib.to_hf(cfg), "experiment": to_dict(exp)}
@@ -199,7 +232,21 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
     compile_s = None
     stopped_early = ""
     t_loop = time.perf_counter()
-    for step in range(start + 1, exp.run.steps + 1):
+    t_probe = step_probe = None  # when and at which step the time budget was first fitted
+
+    def set_total(n: int) -> int:
+      nonlocal state
+      if jax.process_count() > 1:  # every host must run the same number of steps: process 0's clock decides
+        n = int(multihost_utils.broadcast_one_to_all(np.int32(n)))
+      state = dataclasses.replace(state, total_steps=jax.device_put(jnp.asarray(n, jnp.int32),
+                                                                    shardings.total_steps))
+      if progress:
+        progress.total = n
+      return n
+
+    step = start
+    while step < total:
+      step += 1
       batch = _global(next(it), batch_sh)
       t0 = time.perf_counter()
       state, m = train_fn(state, batch)
@@ -221,22 +268,33 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
             f"was stopped; nothing from this step was saved. Last good checkpoint: "
             + (f"step {last} in {ck.directory} (continue from it with --resume, e.g. with a lower "
                f"optim.lr)" if last is not None else "none (no checkpoint had been written yet)"))
+      if exp.run.time_budget_s and step == start + 1 + BUDGET_PROBE_STEPS and resumed_from is None:
+        t_probe, step_probe = time.perf_counter(), step
+        total = set_total(budgeted_steps(exp, step, probe_step_s(exp, float(np.mean(step_times))),
+                                         t_probe - t_start))
+        if progress:
+          progress.message(f"[{exp.name}] time budget {exp.run.time_budget_s:.0f}s: {np.mean(step_times):.2f}s per "
+                           f"step measured -> {total} steps in all (at most run.steps={exp.run.steps}); refitted "
+                           f"at each evaluation")
       tok_s = tokens_per_step / dt
       rec = {"split": "train", "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
              "balance": m["balance"], "z_loss": m["z_loss"], "tokens": m["tokens"], "step_s": dt,
              "tokens_per_s": tok_s, "mfu": tok_s * flops_tok / peak, "load": m["load"],
              "dropped": drops.take()}
-      log_now = step % exp.run.log_every == 0 or step == exp.run.steps
+      log_now = step % exp.run.log_every == 0 or step == total
       if writer:
         writer.write(step, rec, tb_prefix="train" if log_now else None)
         if log_now and np.size(m["load"]):
           E = m["load"].shape[-1]
           writer.scalars(step, {f"experts/max_load_layer{i}": E * row.max() for i, row in enumerate(m["load"])})
           writer.scalars(step, {f"experts/min_load_layer{i}": E * row.min() for i, row in enumerate(m["load"])})
-      if exp.run.eval_every and step % exp.run.eval_every == 0 and step != exp.run.steps:
+      if exp.run.eval_every and step % exp.run.eval_every == 0 and step != total:
         val = evaluate(eval_fn, state, data.eval_batches(corpus, D, exp.run.eval_batches), batch_sh)
         if writer:
           writer.write(step, {"split": "val", **val}, tb_prefix="val")
+        if t_probe is not None and step > step_probe:  # the measured wall time per step, evaluations included
+          now = time.perf_counter()
+          total = set_total(budgeted_steps(exp, step, (now - t_probe) / (step - step_probe), now - t_start))
       if progress and log_now:
         recent = step_times[-exp.run.log_every:] or [dt]
         rate = tokens_per_step / float(np.mean(recent))
@@ -244,9 +302,9 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
                 + f" | {rate / 1e3:.1f}k tok/s MFU {rate * flops_tok / peak:.0%} | lr {float(m['lr']):.1e}"
                 + f" gnorm {float(m['grad_norm']):.2f}" + (f" bal {float(m['balance']):.2f}" if np.size(m["load"]) else ""))
         progress.update(step, text)
-      if exp.run.ckpt_every and step % exp.run.ckpt_every == 0 and step != exp.run.steps:
+      if exp.run.ckpt_every and step % exp.run.ckpt_every == 0 and step != total:
         save()
-      if exp.run.time_limit_s and time.perf_counter() - t_start > exp.run.time_limit_s and step != exp.run.steps:
+      if exp.run.time_limit_s and time.perf_counter() - t_start > exp.run.time_limit_s and step != total:
         stopped_early = f"time limit {exp.run.time_limit_s:.0f}s reached at step {step}"
         break
     if progress:

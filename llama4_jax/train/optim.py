@@ -1,24 +1,40 @@
-"""The optimiser: AdamW, linear warmup + cosine decay, global-norm clipping, decay mask by logical axes."""
+"""The optimiser: AdamW, linear warmup + cosine decay, global-norm clipping, decay mask by logical axes.
+
+AdamW is split in two: `make` returns the update *direction* (clip -> Adam moments -> + weight_decay *
+param on the masked parameters), and the train step multiplies it by -learning_rate(step, total_steps).
+The schedule is a traced function of the step and the total held in the train state, so a run whose
+length is decided after it starts (`run.time_budget_s`) needs no recompilation, and a resumed run uses the
+total it was started with.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from llama4_jax.train.config import OptimConfig
 
 
-def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+def learning_rate(cfg: OptimConfig, step: jax.Array, total_steps: jax.Array) -> jax.Array:
   """Learning rate of step s = 0, 1, ...: linear warmup lr * (s + 1) / warmup_steps (no wasted first step),
-  then a cosine from lr down to lr * min_lr_ratio at the last step (s = total_steps - 1)."""
-  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-  base = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
-                                            decay_steps=max(total_steps, warmup + 1),
-                                            end_value=cfg.lr * cfg.min_lr_ratio)
+  then a cosine from lr at step warmup_steps - 1 down to lr * min_lr_ratio at the last step, total_steps - 1."""
+  s = jnp.asarray(step, jnp.float32) + 1.0
+  total = jnp.asarray(total_steps, jnp.float32)
+  warmup = jnp.minimum(float(cfg.warmup_steps), jnp.maximum(total - 1.0, 0.0))
+  peak, end = cfg.lr, cfg.lr * cfg.min_lr_ratio
+  warm = peak * s / jnp.maximum(warmup, 1.0)
+  progress = jnp.clip((s - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+  cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return jnp.where(s <= warmup, warm, cosine)
+
+
+def schedule(cfg: OptimConfig, total_steps: int):
+  """`learning_rate` for a fixed total (step -> lr)."""
 
   def lr(step):
-    return base(step + 1)
+    return learning_rate(cfg, step, total_steps)
 
   return lr
 
@@ -44,10 +60,10 @@ def decay_mask(abstract_params: nnx.State) -> dict:
   return nnx.to_pure_dict(marked)
 
 
-def make(cfg: OptimConfig, total_steps: int, abstract_params: nnx.State) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW (moments in float32) with the decay mask of `abstract_params`."""
-  adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask(abstract_params), mu_dtype="float32")
-  if cfg.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-  return adamw
+def make(cfg: OptimConfig, abstract_params: nnx.State) -> optax.GradientTransformation:
+  """The AdamW update direction: clip by global norm, Adam (moments in float32), then add
+  weight_decay * param where `decay_mask(abstract_params)` says so. Scale by -learning_rate to apply."""
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype="float32"),
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask(abstract_params))]
+  return optax.chain(*parts)

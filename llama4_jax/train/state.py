@@ -108,6 +108,7 @@ def unstack_bias(parts: ModelParts, stacked: jax.Array) -> dict:
 @dataclasses.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
+  total_steps: jax.Array  # int32 scalar: the run's length (the learning-rate schedule ends there)
   params: dict  # trainable parameters
   frozen: dict  # parameters without updates
   bias: dict  # MoE selection biases (empty when aux-loss-free balancing is off)

@@ -21,7 +21,8 @@ import optax
 from flax import nnx
 
 from llama4_jax.train import router
-from llama4_jax.train.config import MoEConfig
+from llama4_jax.train.config import MoEConfig, OptimConfig
+from llama4_jax.train.optim import learning_rate
 from llama4_jax.train.losses import cross_entropy_sum
 from llama4_jax.train.state import ModelParts, TrainState, stack_bias, unstack_bias
 
@@ -67,9 +68,10 @@ def _micro_batches(batch: dict, n: int) -> dict:
   return {k: split(batch[k]) for k in BATCH_KEYS}
 
 
-def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, lr: optax.Schedule, moe: MoEConfig,
+def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, optim: OptimConfig, moe: MoEConfig,
                     top_k: int, grad_accum: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """(state, batch) -> (state, metrics). Metrics: loss (mean token CE), balance, z_loss, grad_norm, lr,
+  """(state, batch) -> (state, metrics). `tx` gives the update direction (`optim.make`), applied with
+  -learning_rate(step, state.total_steps). Metrics: loss (mean token CE), balance, z_loss, grad_norm, lr,
   tokens, load [L_moe, E] (fraction of assignments per expert). Not jitted (see `jit_train_step`)."""
   terms_fn = functools.partial(forward_terms, parts, top_k)
 
@@ -97,8 +99,10 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, lr: opt
       t = dataclasses.replace(t, balance=t.balance / grad_accum, z=t.z / grad_accum)
 
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    lr = learning_rate(optim, state.step, state.total_steps)
+    direction, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) - lr * u.astype(jnp.float32)).astype(p.dtype),
+                          state.params, direction)
     bias = state.bias
     if moe.bias_balancing and t.counts.size:
       bias = unstack_bias(parts, router.update_selection_bias(stack_bias(parts, bias), t.counts, moe.bias_rate))
@@ -107,12 +111,11 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, lr: opt
         "balance": t.balance,
         "z_loss": t.z,
         "grad_norm": grad_norm,
-        "lr": lr(state.step),
+        "lr": lr,
         "tokens": t.tokens,
         "load": router.load_fraction(t.counts),
     }
-    new = TrainState(step=state.step + 1, params=params, frozen=state.frozen, bias=bias, opt_state=opt_state,
-                     rng=state.rng)
+    new = dataclasses.replace(state, step=state.step + 1, params=params, bias=bias, opt_state=opt_state)
     return new, metrics
 
   return step
@@ -137,7 +140,8 @@ def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, rules, 
   opt_shapes = jax.eval_shape(tx.init, abstract_params)
   opt = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, params, transform_non_params=lambda _: replicated,
                               is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  return TrainState(step=replicated, params=params, frozen=frozen, bias=bias, opt_state=opt, rng=replicated)
+  return TrainState(step=replicated, total_steps=replicated, params=params, frozen=frozen, bias=bias,
+                    opt_state=opt, rng=replicated)
 
 
 def jit_train_step(step_fn, shardings: TrainState, batch_sharding) -> Callable:
