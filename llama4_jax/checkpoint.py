@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import itertools
 import json
 import math
@@ -262,12 +263,20 @@ def save_params(directory: str | os.PathLike, params: Any, cfg: config_lib.Llama
       ck.save(os.path.join(tmp, PARAMS), to_pure(params))
       ck.wait_until_finished()
     if cfg is not None:
-      write_model_files(tmp, cfg)
+      write_model_files(tmp, cfg, _fp8_record(params))
     os.rename(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return directory
+
+
+def _fp8_record(params: Any) -> dict | None:
+  """The `fp8` record of a model whose routed experts are held in FP8 (`Policy.expert_fp8`), else None."""
+  from llama4_jax import hf_read  # deferred, as in load_model: hf_read imports the model
+
+  scales = set(hf_read.FP8_LEAVES.values())
+  return hf_read.describe("expert_fp8") if any(p[-2:] in scales for p in flat_leaves(params)) else None
 
 
 def params_dir(directory: str | os.PathLike) -> str:
@@ -293,16 +302,17 @@ def restore_params(directory: str | os.PathLike, target: Any = None) -> Any:
 def load_model(directory: str | os.PathLike, policy: config_lib.Policy | None = None, shardings: Any = None):
   """A ready `Llama4` from a model directory (config.json + params/), placed by `shardings` (a state of
   shardings, e.g. `sharding.params.param_shardings`; default: the first device). `policy` defaults to the
-  stored dtype (float32 parity settings for float32)."""
+  stored dtype (float32 parity settings for float32). A directory written with `--keep-fp8` loads with its
+  routed experts in FP8 as stored (`Policy.expert_fp8` is switched on)."""
   from llama4_jax.llama4 import abstract  # deferred: keeps this module importable without the model
 
   directory = os.fspath(directory)
   cfg = config_lib.from_hf(os.path.join(directory, CONFIG))
-  if read_info(directory).get("fp8"):
-    raise ValueError(f"{directory}: holds FP8 expert weights (--keep-fp8); restore them with restore_params")
   if policy is None:
     dt = "bfloat16" if cfg.dtype == "float16" else cfg.dtype
     policy = config_lib.Policy(param_dtype=dt, dtype=dt, matmul_precision="highest" if dt == "float32" else "default")
+  if read_info(directory).get("fp8"):
+    policy = dataclasses.replace(policy, expert_fp8=True)
   graphdef, state = nnx.split(abstract(cfg, policy))
   state = restore_params(directory, abstract_target(state, shardings))
   return nnx.merge(graphdef, state)

@@ -279,6 +279,7 @@ class Policy:
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "minimal"
   fp8: str = "off"  # "off" | "train" (per-tensor e4m3/e5m2) | "inference" (rowwise, FBGEMM) | "auto" (see fp8.py)
   fp8_lm_head: bool = False  # also quantise the lm_head matmul
+  expert_fp8: bool = False  # routed expert weights held as float8_e4m3fn + per-output-channel scales (inference)
 
   def __post_init__(self):
     for f in ("param_dtype", "dtype", "residual_dtype"):

@@ -13,12 +13,18 @@ Recipes (`Policy.fp8`):
                scale per token, its amax clipped to an upper bound of 1200.
   "auto"       "train" where the hardware has FP8 matmuls (NVIDIA compute capability >= 8.9, TPU v7),
                otherwise off; the choice is logged once.
+
+Stored FP8 weights (`Policy.expert_fp8`, inference): the routed experts are kept in memory as the FP8
+release keeps them, float8_e4m3fn values plus one float32 multiplier per output channel (`Stored`), half
+the bytes of bfloat16. A matmul with a `Stored` weight uses those very scales (nothing is re-rounded) and
+quantises its activations per token as in "inference", whatever `Policy.fp8` says.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,14 +60,42 @@ def qdq_tensor(x: jax.Array, dtype) -> jax.Array:
   return dequantize(quantize(x, dtype, s), s, x.dtype)
 
 
-def qdq_rows(x: jax.Array, axes: tuple[int, ...], dtype, ub: float | None = None) -> jax.Array:
-  """Quantise-dequantise with one scale per slice over `axes` (the contracted axes): per token for
-  activations, per output channel for weights. `ub` clips the amax (activation upper bound)."""
+def _row_scale(x: jax.Array, axes: tuple[int, ...], dtype, ub: float | None = None) -> jax.Array:
+  """One scale per slice over `axes` (kept as size-1 axes); `ub` clips the amax (activation upper bound)."""
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
   if ub is not None:
     amax = jnp.minimum(amax, ub)
-  s = jax.lax.stop_gradient(_scale(amax, dtype))
+  return jax.lax.stop_gradient(_scale(amax, dtype))
+
+
+def qdq_rows(x: jax.Array, axes: tuple[int, ...], dtype, ub: float | None = None) -> jax.Array:
+  """Quantise-dequantise with one scale per slice over `axes` (the contracted axes): per token for
+  activations, per output channel for weights. `ub` clips the amax (activation upper bound)."""
+  s = _row_scale(x, axes, dtype, ub)
   return dequantize(quantize(x, dtype, s), s, x.dtype)
+
+
+class Stored(NamedTuple):
+  """A weight held in FP8: W = float32(q) * scale, `scale` broadcast over W's contracted axes (the axes a
+  matmul sums over, removed from `scale`'s shape): one multiplier per output channel. A pytree, so it
+  slices, shards and scans like the array it stands for."""
+
+  q: jax.Array  # float8_e4m3fn, W's shape
+  scale: jax.Array  # float32, W's shape without the contracted axes
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.q.shape
+
+  def dequantize(self, contracted: tuple[int, ...], dtype) -> jax.Array:
+    return dequantize(self.q, jnp.expand_dims(self.scale, contracted), dtype)
+
+
+def quantize_stored(w: jax.Array, contracted: tuple[int, ...]) -> Stored:
+  """Per-output-channel e4m3 quantisation of a weight (FBGEMM's `quantize_fp8_per_row`: scale = amax / 448
+  over the contracted axes)."""
+  s = _row_scale(w, contracted, E4M3)
+  return Stored(quantize(w, E4M3, s), jnp.squeeze(s, contracted))
 
 
 def contracted_axes(eqn: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -108,6 +142,12 @@ def inference_einsum(eqn: str, x: jax.Array, w: jax.Array, dtype, precision=None
   """FBGEMM rowwise: per-token activation scales (amax clipped to 1200), per-output-channel weight scales."""
   ax, aw = contracted_axes(eqn)
   return _dot(eqn, qdq_rows(x, ax, E4M3, ACTIVATION_UB), qdq_rows(w, aw, E4M3), dtype, precision)
+
+
+def stored_einsum(eqn: str, x: jax.Array, w: Stored, dtype, precision=None) -> jax.Array:
+  """Activations quantised per token (amax clipped to 1200), the weight's stored fp8 values and scales."""
+  ax, aw = contracted_axes(eqn)
+  return _dot(eqn, qdq_rows(x, ax, E4M3, ACTIVATION_UB), w.dequantize(aw, dtype), dtype, precision)
 
 
 def hardware_has_fp8(device: jax.Device | None = None) -> bool:

@@ -38,6 +38,16 @@ def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str],
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def fp8_param(p: nnx.Param, contracted: tuple[int, ...]) -> tuple[nnx.Param, nnx.Param]:
+  """A weight Param quantised per output channel (`fp8.quantize_stored`): the float8_e4m3fn values under the
+  weight's logical names, and the float32 scales under those names less the contracted axes."""
+  names = tuple(p.get_metadata()["out_sharding"])
+  w = fp8.quantize_stored(p[...], contracted)
+  kept = tuple(n for i, n in enumerate(names) if i not in contracted)
+  return (nnx.Param(w.q, out_sharding=names, eager_sharding=False),
+          nnx.Param(w.scale, out_sharding=kept, eager_sharding=False))
+
+
 def dtype_of(policy: Policy) -> jnp.dtype:
   return jnp.dtype(policy.dtype)
 
@@ -45,10 +55,12 @@ def dtype_of(policy: Policy) -> jnp.dtype:
 def einsum(eqn: str, x: jax.Array, w: jax.Array, policy: Policy, out_dtype=None, quantize: bool = True) -> jax.Array:
   """Every weight matmul of the model goes through here: the seam for FP8 recipes and precision choices.
 
-  `x` is the activation, `w` the weight. `quantize=False` keeps a matmul out of FP8 (the lm_head unless
-  `policy.fp8_lm_head`)."""
+  `x` is the activation, `w` the weight (an array, or an `fp8.Stored` FP8 weight with its scales).
+  `quantize=False` keeps a matmul out of FP8 (the lm_head unless `policy.fp8_lm_head`)."""
   dt, out = dtype_of(policy), out_dtype or dtype_of(policy)
   precision = _PRECISION[policy.matmul_precision]
+  if isinstance(w, fp8.Stored):
+    return fp8.stored_einsum(eqn, x.astype(dt), w, out, precision).astype(out)
   recipe = fp8.resolve(policy.fp8) if quantize else "off"
   if recipe != "off":
     return fp8.RECIPES[recipe](eqn, x.astype(dt), w.astype(dt), out, precision).astype(out)

@@ -21,10 +21,12 @@ from flax import nnx
 
 from llama4_jax import attention as attn_lib
 from llama4_jax import cache as cache_lib
+from llama4_jax import fp8
 from llama4_jax import moe as moe_lib
 from llama4_jax import rope
 from llama4_jax.config import Policy, TextConfig
-from llama4_jax.layers import einsum, normal, ones, param, rms_norm, swiglu
+from llama4_jax.layers import einsum, fp8_param, normal, ones, param, rms_norm, swiglu
+from llama4_jax.moe import DOWN_CONTRACTED, GATE_UP_CONTRACTED
 from sharding import constrain, routed_experts
 
 
@@ -128,6 +130,10 @@ class MoE(nnx.Module):
     self.router = param(rngs, init, (D, E), ("embed", "router"), dt)
     self.gate_up = param(rngs, init, (E, D, 2, I), ("experts", "embed", "gate_up", "expert_mlp"), dt)
     self.down = param(rngs, init, (E, I, D), ("experts", "expert_mlp", "embed"), dt)
+    self.gate_up_scale = self.down_scale = nnx.data(None)
+    if policy.expert_fp8:  # FP8 values in place, one float32 scale per output channel beside them
+      self.gate_up, self.gate_up_scale = fp8_param(self.gate_up, GATE_UP_CONTRACTED)
+      self.down, self.down_scale = fp8_param(self.down, DOWN_CONTRACTED)
     self.shared = MLP(D, I, cfg.initializer_range, policy, rngs)
     self.top_k = cfg.num_experts_per_tok
     self.policy = policy
@@ -147,7 +153,10 @@ class MoE(nnx.Module):
       idx, scores, logits = moe_lib.route(xt, self.router[...], self.top_k, self.policy, bias)
     with jax.named_scope("experts"):
       experts = moe_lib.EXPERT_IMPLS[self.policy.moe_impl]
-      routed = routed_experts(experts, xt, idx, scores, self.gate_up[...], self.down[...], self.policy)
+      gate_up, down = self.gate_up[...], self.down[...]
+      if self.gate_up_scale is not None:
+        gate_up, down = fp8.Stored(gate_up, self.gate_up_scale[...]), fp8.Stored(down, self.down_scale[...])
+      routed = routed_experts(experts, xt, idx, scores, gate_up, down, self.policy)
     with jax.named_scope("shared_expert"):
       shared = self.shared(xt)
     return (shared + routed).reshape(B, T, D), logits

@@ -10,7 +10,8 @@ Routing (reference 1.9), in order:
   5. out = sum over the k assignments of Expert_e(x * score)   (the shared expert is added by the caller)
 
 Expert weights: gate_up [E, D, 2, I] (index 0 = gate, 1 = up), down [E, I, D]; Expert_e(u) =
-(silu(u @ gate_e) * (u @ up_e)) @ down_e.
+(silu(u @ gate_e) * (u @ up_e)) @ down_e. Either may be an `fp8.Stored` (FP8 values + per-output-channel
+scales [E, 2, I] / [E, D]; inference only): every path slices or dequantises it like the array it stands for.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from llama4_jax import fp8
 from llama4_jax.config import Policy
 from llama4_jax.layers import einsum, swiglu
+
+GATE_UP_CONTRACTED, DOWN_CONTRACTED = (1,), (1,)  # the axis each expert weight [E, ...] sums over (D, I)
 
 
 def route(x: jax.Array, router: jax.Array, k: int, policy: Policy, bias: jax.Array | None = None):
@@ -56,8 +60,8 @@ def block_size(assignments: int, experts: int, max_block: int) -> int:
 
 
 def _block_weights(gate_up, down, e):
-  return (jax.lax.dynamic_index_in_dim(gate_up, e, keepdims=False),
-          jax.lax.dynamic_index_in_dim(down, e, keepdims=False))
+  """Expert e's weights (its values and scales, for `fp8.Stored` ones)."""
+  return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False), (gate_up, down))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -160,11 +164,14 @@ def ragged_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
   u = (x[:, None, :] * scores[:, :, None]).reshape(N * k, D)[order]
   dt = jnp.dtype(policy.dtype)
-  h = jax.lax.ragged_dot(u.astype(dt), gate_up.reshape(E, D, 2 * I).astype(dt), sizes,
-                         precision=jax.lax.Precision.HIGHEST if policy.matmul_precision == "highest" else None)
+  act = lambda a: a.astype(dt)  # noqa: E731
+  if isinstance(gate_up, fp8.Stored):  # stored FP8 experts: their scales, activations quantised per token
+    gate_up, down = gate_up.dequantize(GATE_UP_CONTRACTED, dt), down.dequantize(DOWN_CONTRACTED, dt)
+    act = lambda a: fp8.qdq_rows(a.astype(dt), (-1,), fp8.E4M3, fp8.ACTIVATION_UB)  # noqa: E731
+  precision = jax.lax.Precision.HIGHEST if policy.matmul_precision == "highest" else None
+  h = jax.lax.ragged_dot(act(u), gate_up.reshape(E, D, 2 * I).astype(dt), sizes, precision=precision)
   h = h.reshape(N * k, 2, I)
-  y = jax.lax.ragged_dot(swiglu(h[:, 0], h[:, 1]).astype(dt), down.astype(dt), sizes,
-                         precision=jax.lax.Precision.HIGHEST if policy.matmul_precision == "highest" else None)
+  y = jax.lax.ragged_dot(act(swiglu(h[:, 0], h[:, 1])), down.astype(dt), sizes, precision=precision)
   y = jnp.zeros_like(y).at[order].set(y)
   return y.reshape(N, k, D).sum(axis=1).astype(x.dtype)
 

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from llama4_jax import fp8
 from llama4_jax import moe as moe_lib
 from llama4_jax.config import Policy
 from sharding.rules import AxisCollision, ExpertParallel, Rules
@@ -95,9 +96,12 @@ def routed_experts(rules: Rules, mesh: jax.sharding.Mesh, experts_fn: Callable, 
   w_e, w_f = _spec_entry((e_axis,) if e_axis else ()), _spec_entry(f_axes)
   body = functools.partial(_local, experts_fn=experts_fn, policy=policy, ep=ep, e_axis=e_axis, n=n,
                            f_axes=f_axes, tok_axes=tok_axes)
+  gu_w, down_w = P(w_e, None, None, w_f), P(w_e, w_f, None)
+  if isinstance(gate_up, fp8.Stored):  # scales: per output channel, [E, 2, I] and [E, D]
+    gu_w, down_w = fp8.Stored(gu_w, P(w_e, None, w_f)), fp8.Stored(down_w, P(w_e, None))
   y, dropped = jax.shard_map(
       body, mesh=mesh,
-      in_specs=(P(tok, None), P(tok, None), P(tok, None), P(tok), P(w_e, None, None, w_f), P(w_e, w_f, None)),
+      in_specs=(P(tok, None), P(tok, None), P(tok, None), P(tok), gu_w, down_w),
       out_specs=(P(tok, None), P()), check_vma=True,
   )(x, idx, scores, valid, gate_up, down)
   if ep.mode == "capacity" and ep.on_drop is not None:
@@ -110,7 +114,7 @@ def _local(x, idx, scores, valid, gate_up, down, *, experts_fn, policy, ep, e_ax
   A, El = idx.size, gate_up.shape[0]
   live = jnp.repeat(valid, idx.shape[1])
   axes = tuple(dict.fromkeys(tok_axes + ((e_axis,) if e_axis else ()) + f_axes))
-  x, scores, gate_up, down = (_varying(a, axes) for a in (x, scores, gate_up, down))
+  x, scores, gate_up, down = jax.tree.map(lambda a: _varying(a, axes), (x, scores, gate_up, down))
   if n == 1:
     y = experts_fn(x, jnp.where(valid[:, None], idx, El), scores, gate_up, down, policy)
     dropped = jnp.zeros((), jnp.int32)
