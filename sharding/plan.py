@@ -56,6 +56,7 @@ class Hardware:
 
 HARDWARE = {
     "8xh100": Hardware("8x H100 80GB", 8, 80.0),
+    "8xh200": Hardware("8x H200 141GB", 8, 140.0),
     "v5p-64": Hardware("TPU v5p-64 (32 chips)", 32, 95.0),
     "v5p-128": Hardware("TPU v5p-128 (64 chips)", 64, 95.0),
     "v6e-256": Hardware("TPU v6e-256", 256, 32.0),
@@ -163,16 +164,17 @@ def plan(cfg: Llama4Config, policy: Policy, rules: Rules, mesh: MeshConfig | Map
   sizes = _sizes(mesh, devices)
   abstract = abstract if abstract is not None else llama4.abstract(cfg, policy)
   specs, notes = param_specs(abstract, rules, sizes)
-  elems = 0  # parameter elements per device
+  elems = held = 0  # parameter elements and bytes per device (bytes: each array's own dtype, e.g. FP8 experts)
   for var, spec in zip(jax.tree.leaves(nnx.state(abstract), is_leaf=_is_var),
                        jax.tree.leaves(specs, is_leaf=_is_var)):
     elems += shard_bytes(var.shape, jnp.int8, spec.get_value(), sizes)
+    held += shard_bytes(var.shape, var.dtype, spec.get_value(), sizes)
   pb = jnp.dtype(policy.param_dtype).itemsize
   acts, t = activation_bytes(cfg, policy, rules, sizes, work)
   train = work.train
   master = 4 * elems if train and work.master_fp32 and pb < 4 else 0
   return MemoryPlan(rules=rules.name, mesh={a: n for a, n in sizes.items() if n > 1} or {"data": 1},
-                    params=elems * pb, grads=elems * pb if train else 0, optimizer=8 * elems if train else 0,
+                    params=held, grads=elems * pb if train else 0, optimizer=8 * elems if train else 0,
                     master=master, activations=acts, tokens_per_device=t, notes=tuple(notes))
 
 

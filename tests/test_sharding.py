@@ -431,6 +431,25 @@ def test_plan_counts_every_parameter_once():
   assert fsdp.tokens_per_device == 1024 and fsdp.activations > 0
 
 
+def test_plan_counts_fp8_experts_at_their_own_bytes():
+  """Serving Maverick with FP8-stored experts: each routed expert weight 1 byte instead of 2, plus float32
+  scales ([E, 2I] and [E, D] per MoE layer); with it the model fits 8 H100s."""
+  t, work = C.MAVERICK.text, plan_lib.Workload(batch=8, seq=8192, train=False)
+  bf16, f8 = C.BF16, dataclasses.replace(C.BF16, expert_fp8=True)
+  a = plan_lib.plan(C.MAVERICK, bf16, R.INFERENCE, {"tensor": 8}, work)
+  b = plan_lib.plan(C.MAVERICK, f8, R.INFERENCE, {"tensor": 8}, work)
+  E, D, I = t.num_local_experts, t.hidden_size, t.intermediate_size
+  n_moe = sum(t.is_moe(i) for i in range(t.num_hidden_layers))
+  weights = n_moe * 3 * E * D * I // 8  # split over tensor on the expert width
+  scales = n_moe * (E * 2 * I // 8 + E * D)  # gate_up's per column (split), down's per output row (whole)
+  assert b.params == a.params - weights + 4 * scales
+  hw = plan_lib.HARDWARE["8xh100"]
+  with pytest.raises(ValueError, match="no layout fits"):
+    plan_lib.choose_mesh(C.MAVERICK, bf16, hw, work)
+  _, _, p = plan_lib.choose_mesh(C.MAVERICK, f8, hw, work)
+  assert p.fits(hw.hbm_gib)
+
+
 def test_choose_mesh_and_cli(capsys):
   from tools import plan as cli
 

@@ -62,9 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                   help="einsum: the model's XLA attention (keeps T x S scores); flash: a fused kernel")
   ap.add_argument("--serve", action="store_true", help="serving: parameters + forward activations + KV cache")
   ap.add_argument("--no-master", action="store_true", help="no fp32 master copy of low-precision parameters")
+  ap.add_argument("--expert-fp8", action="store_true",
+                  help="with --serve: routed experts held in FP8 + scales (Policy.expert_fp8, a --keep-fp8 checkpoint)")
   args = ap.parse_args(argv)
+  if args.expert_fp8 and not args.serve:
+    ap.error("--expert-fp8 is for serving (--serve): FP8-stored experts are not trained")
 
-  policy = C.Policy(param_dtype=args.dtype, dtype=args.dtype, matmul_precision="default")
+  policy = C.Policy(param_dtype=args.dtype, dtype=args.dtype, matmul_precision="default",
+                    expert_fp8=args.expert_fp8)
   base = P.Workload(seq=args.seq, train=not args.serve, remat=args.remat, master_fp32=not args.no_master,
                       attention=args.attention)
   rows, notes = [], []
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
       notes.extend(p.notes)
       continue
     for hw_name in args.hardware.split(","):
+      if hw_name.strip() not in P.HARDWARE:
+        ap.error(f"--hardware {hw_name.strip()!r}: unknown target; targets: {sorted(P.HARDWARE)}")
       hw = P.HARDWARE[hw_name.strip()]
       work = dataclasses.replace(base, batch=args.batch or hw.devices)
       _, _, p = P.choose_mesh(cfg, policy, hw, work, strict=False)  # the smallest plan if none fits
