@@ -74,7 +74,8 @@ class RunConfig:
   peak_flops: float = 0.0  # peak FLOP/s per device for MFU; 0: known accelerator table, or measured on CPU
   init_from: str = ""  # Orbax parameter checkpoint (e.g. `tools.convert hf-to-orbax` output) to fine-tune
   freeze_vision: bool = False  # no updates to the vision tower and projector
-  time_budget_s: float = 0.0  # >0: after 5 timed steps, cut `steps` so the whole run ends in about this time
+  time_budget_s: float = 0.0  # >0: after 5 timed steps and at each evaluation, fit the run length (<= steps)
+  #                              and the schedule so that the whole run ends in about this time
   final_reserve_s: float = 60.0  # time the budget keeps for the final evaluation, checkpoint and sample
   time_limit_s: float = 0.0  # hard stop of the loop (then checkpoint, final eval, sample) at this age; 0: off
   sample_prompt: str = "ROMEO:\n"  # the closing sample starts from this text ("" skips the sample)
