@@ -194,7 +194,7 @@ def test_fp8_experts_hold_fp8_and_all_expert_paths_agree(stored_model):
   assert ffn.gate_up.dtype == jnp.float8_e4m3fn and ffn.down.dtype == jnp.float8_e4m3fn
   assert ffn.gate_up_scale.shape == ffn.gate_up.shape[:2] + ffn.gate_up.shape[3:]  # [blocks, E, 2, I]
   assert ffn.shared.gate.dtype == jnp.float32  # only the routed experts are stored in FP8
-  graphdef, state = nnx.split(model)
+  state = nnx.state(model)
   logits = {"sorted": np.asarray(model(ids))}
   for impl in ("ragged", "dense"):
     m = init(FP8_CFG, C.Policy(expert_fp8=True, moe_impl=impl), seed=0)

@@ -30,15 +30,6 @@ def learning_rate(cfg: OptimConfig, step: jax.Array, total_steps: jax.Array) -> 
   return jnp.where(s <= warmup, warm, cosine)
 
 
-def schedule(cfg: OptimConfig, total_steps: int):
-  """`learning_rate` for a fixed total (step -> lr)."""
-
-  def lr(step):
-    return learning_rate(cfg, step, total_steps)
-
-  return lr
-
-
 def decays(path: tuple, names: tuple[str | None, ...] | None, ndim: int) -> bool:
   """Weight decay applies to matrices only: not to norms (logical axis "norm"), biases (names ending in
   "bias") or any parameter with a single dimension besides the stacked "layers" axis."""
