@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 from llama4_jax import config as C
-from llama4_jax import hf_keys, hf_write
+from llama4_jax.io import hf_keys
+from llama4_jax.io import safetensors as st
 
 
 def synthetic_config(hidden: int = 2048, layers: int = 16, experts: int = 16, intermediate: int = 2048,
@@ -44,19 +45,19 @@ def build_hf(cfg: C.Llama4Config, directory: str, max_shard_size: str = "1GB", s
   dtype = np.dtype({"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[cfg.dtype])
   prefix = hf_keys.MULTIMODAL_TEXT_PREFIX if cfg.vision is not None else hf_keys.TEXT_ONLY_PREFIX
   places = hf_keys.placements(cfg, prefix)
-  specs = [hf_write.TensorSpec(p.key, tuple(p.entry.hf_shape(cfg)), dtype) for p in places]
-  shards = hf_write.plan_shards(specs, max_shard_size)
+  specs = [st.TensorSpec(p.key, tuple(p.entry.hf_shape(cfg)), dtype) for p in places]
+  shards = st.plan_shards(specs, max_shard_size)
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
   for name, group in shards:
-    w = hf_write.SafetensorsWriter(os.path.join(directory, name), group)
+    w = st.SafetensorsWriter(os.path.join(directory, name), group)
     for s in group:
       x = rng.standard_normal(s.shape, dtype=np.float32)
       x *= 1.0 / math.sqrt(s.shape[-1])
       w.write(s.key, x.astype(dtype))
       del x
     w.close()
-  hf_write.write_index(directory, shards)
+  st.write_index(directory, shards)
   C.save_hf(cfg, directory)
   return sum(s.nbytes for s in specs)
 

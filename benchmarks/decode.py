@@ -32,8 +32,8 @@ import torch
 import transformers
 
 from llama4_jax import config as C
-from llama4_jax import generate as G
-from llama4_jax.hf_load import load_hf
+from llama4_jax.apps import generate as G
+from llama4_jax import load
 
 
 def small_config() -> C.Llama4Config:
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
   n = args.new_tokens
   with tempfile.TemporaryDirectory() as d:
     ref = hf_model(cfg, d)
-    ours = load_hf(d, dtype="float32")
+    ours = load(d, dtype="float32").model
   rows = []
   for B in args.batch_sizes:
     ids = np.random.RandomState(B).randint(10, cfg.text.vocab_size, (B, args.prompt_len))

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 import sharding  # noqa: E402
 from llama4_jax import config as C  # noqa: E402
-from llama4_jax import moe  # noqa: E402
+from llama4_jax.model import moe  # noqa: E402
 from sharding import rules as R  # noqa: E402
 
 POLICY = C.Policy(matmul_precision="default")
@@ -39,7 +39,7 @@ POLICY = C.Policy(matmul_precision="default")
 
 def layer_loss(x, router, gate_up, down):
   idx, scores, _ = moe.route(x, router, 1, POLICY)
-  y = sharding.routed_experts(moe.sorted_experts, x, idx, scores, gate_up, down, POLICY)
+  y = moe.routed(x, idx, scores, gate_up, down, POLICY)
   return jnp.mean(y * y)
 
 
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
   variants = [
       ("replicated", R.DATA_PARALLEL, lambda n: sharding.MeshConfig(data=n, fsdp=1)),
       ("ep dropless", R.EXPERT_PARALLEL, lambda n: sharding.MeshConfig(fsdp=1, expert=n)),
-      ("ep capacity 1.25", dataclasses.replace(R.EXPERT_PARALLEL, moe=R.ExpertParallel("capacity", 1.25)),
+      ("ep capacity 1.25", dataclasses.replace(R.EXPERT_PARALLEL, dispatch=R.ExpertDispatch("capacity", 1.25)),
        lambda n: sharding.MeshConfig(fsdp=1, expert=n)),
   ]
   print(f"tokens {args.tokens}, D {args.hidden}, E {args.experts}, I {args.width}, top-1, float32, "

@@ -43,7 +43,7 @@ from flax import nnx
 
 from benchmarks.matmul_ceiling import median_s, threads
 from llama4_jax import config as C
-from llama4_jax.hf_load import load_hf
+from llama4_jax import load
 
 _TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
@@ -207,7 +207,7 @@ def measure_config(name: str, cfg: C.Llama4Config, batch: int, seq: int, runs_fw
     total_params = sum(p.numel() for p in ref.parameters())
     res = {"torch": _torch(ref, ids, runs_fwd, runs_train, log)}
     for key, policy in policies.items():
-      res[key] = _ours(load_hf(d, policy=policy), jnp.asarray(ids), runs_fwd, runs_train, log)
+      res[key] = _ours(load(d, policy=policy).model, jnp.asarray(ids), runs_fwd, runs_train, log)
     del ref
   tokens = batch * seq
   out = {"name": name, "batch": batch, "seq": seq, "tokens": tokens, "total_params": total_params,

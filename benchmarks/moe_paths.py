@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks.matmul_ceiling import median_s
 from llama4_jax import config as C
-from llama4_jax import moe
+from llama4_jax.model import moe
 
 IMPLS = ("sorted", "ragged", "dense")
 

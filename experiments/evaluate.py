@@ -5,8 +5,9 @@ multiple-choice accuracy. Prints a table and writes JSON.
   python -m experiments.evaluate --checkpoint runs/my_run --data notes.txt more.jsonl --mc items.jsonl
   python -m experiments.evaluate --hf /models/Llama-4-Scout-17B-16E-Instruct --data eval.jsonl --seq-len 2048
 
---checkpoint: a training run directory (latest step, its tokenizer.json), its checkpoints/ directory, one
-step, or a converted model directory (config.json + params/). --hf: a HF release directory.
+--checkpoint: anything `llama4_jax.load` reads: a training run directory (latest step, its tokenizer.json),
+its checkpoints/ directory, one step, a converted model directory (config.json + params/) or a HF release
+directory (--hf is the same option, kept for clarity).
 Default data: the validation works of the Shakespeare corpus (`data.shakespeare.split_works`).
 --data: text files (one document each) and/or JSONL files (field --field).
 --mc: JSONL of {"context", "choices", "answer"} scored like lm-evaluation-harness.
@@ -86,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--out", help="JSON results (default: <run dir>/eval.json, else ./eval.json)")
   args = ap.parse_args(argv)
 
-  from llama4_jax import evaluate as E
-  from llama4_jax import generate as G
+  from llama4_jax import load
+  from llama4_jax.apps import evaluate as E
+  from llama4_jax.apps import generate as G
 
   if args.checkpoint is None and args.hf is None:
     args.checkpoint = default_run_dir()
@@ -95,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: {args.checkpoint} not found: run `make train` first, or pass --checkpoint / --hf",
             file=sys.stderr)
       return 2
-  loaded = E.load(checkpoint=args.checkpoint, hf=args.hf, tokenizer=args.tokenizer, dtype=args.dtype)
+  loaded = load(args.checkpoint or args.hf, tokenizer=args.tokenizer, dtype=args.dtype)
   if loaded.tokenizer is None:
     print("error: no tokenizer found with the checkpoint: pass --tokenizer", file=sys.stderr)
     return 2
   model, tok = loaded.model, loaded.tokenizer
   print(f"model: {loaded.description}")
   if args.seq_len is None:
-    args.seq_len = _run_seq_len(loaded.run_dir) or 256
+    args.seq_len = _run_seq_len(loaded.source.run_dir) or 256
 
   if args.data:
     texts, data_desc = _read_data(args.data, args.field), ", ".join(args.data)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
   print(_table(rows))
   for s in samples:
     print("\n--- prompt ---\n" + s["prompt"].rstrip("\n") + "\n--- sample ---\n" + s["completion"])
-  out = args.out or os.path.join(loaded.run_dir or ".", "eval.json")
+  out = args.out or os.path.join(loaded.source.run_dir or ".", "eval.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(results, f, indent=2)

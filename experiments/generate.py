@@ -5,8 +5,8 @@
       --image photo.png --temperature 0.6 --top-p 0.9
   python -m experiments.generate --checkpoint DIR --prompt "One" --prompt "Two"      # a left-padded batch
 
---checkpoint: a training run directory, its checkpoints/ or one step, or a converted model directory;
---hf: a HF release directory. --tokenizer overrides the tokenizer found with the model.
+--checkpoint: anything `llama4_jax.load` reads (a training run directory, its checkpoints/ or one step, a
+converted model directory, a HF release directory); --hf: the same, for a HF release directory. --tokenizer overrides the tokenizer found with the model.
 Chat format (`--chat auto`): on with the Llama 4 tokenizer or with images, off otherwise (raw text after
 bos). Images are marked in the prompt by `<|image|>`; without a marker they go before the text.
 Greedy by default; the instruct release's generation_config uses --temperature 0.6 --top-p 0.9.
@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
   from PIL import Image
 
-  from llama4_jax import evaluate as E
-  from llama4_jax import generate as G
-  from llama4_jax.prompt import IMAGE_PLACEHOLDER
+  from llama4_jax import load
+  from llama4_jax.apps import generate as G
+  from llama4_jax.data.prompt import IMAGE_PLACEHOLDER
 
-  loaded = E.load(checkpoint=args.checkpoint, hf=args.hf, tokenizer=args.tokenizer, dtype=args.dtype)
+  loaded = load(args.checkpoint or args.hf, tokenizer=args.tokenizer, dtype=args.dtype)
   if loaded.tokenizer is None:
     print("error: no tokenizer found with the checkpoint: pass --tokenizer", file=sys.stderr)
     return 2

@@ -252,10 +252,6 @@ class Llama4Config:
       _require(self.image_token_index < self.text.vocab_size, "image_token_index",
                f"{self.image_token_index} is outside vocab_size={self.text.vocab_size}")
 
-  @property
-  def is_multimodal(self) -> bool:
-    return self.vision is not None
-
 
 _DTYPES = {"float32", "bfloat16", "float16"}
 
@@ -293,7 +289,18 @@ class Policy:
     _require(self.fp8 in ("off", "train", "inference", "auto"), "policy.fp8", f"got {self.fp8!r}")
 
 
-BF16 = Policy(param_dtype="bfloat16", dtype="bfloat16", matmul_precision="default")
+  @classmethod
+  def for_dtype(cls, dtype: str, **kw) -> Policy:
+    """The policy of a model held and run in `dtype`: float32 with HIGHEST matmuls (the parity setting),
+    bfloat16 with default-precision matmuls; float16 (a checkpoint's dtype) runs as bfloat16. `kw`
+    overrides any other field."""
+    dt = "bfloat16" if dtype == "float16" else dtype
+    _require(dt in ("float32", "bfloat16"), "policy.dtype", f"{dtype!r} not supported (float32 or bfloat16)")
+    return cls(**{"param_dtype": dt, "dtype": dt, "matmul_precision": "highest" if dt == "float32" else "default",
+                  **kw})
+
+
+BF16 = Policy.for_dtype("bfloat16")
 FP32 = Policy()
 
 

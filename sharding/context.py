@@ -1,37 +1,45 @@
 """The active sharding context: which rules and mesh `constrain` and `routed_experts` use.
 
-Model code calls only `constrain(x, names)` and `routed_experts(...)`; both are no-ops (plain
-single-device math) outside a `use` block. The context is read while a function is traced, so jit
-the function inside the block (a jitted function traced outside it keeps its unconstrained trace).
+Model code calls only `constrain(x, names)` and `routed_experts(...)`; outside a `use` block both are plain
+single-device math. The context is read while a function is traced, so jit the function inside the block
+(a jitted function traced outside it keeps its unconstrained trace).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator, Sequence
+import dataclasses
+from typing import Callable, Iterator, Sequence
 
 import jax
 from jax.sharding import NamedSharding
 
-_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("llama4_sharding", default=None)
+from sharding import dispatch
+from sharding.rules import Rules
+
+
+@dataclasses.dataclass(frozen=True)
+class _Active:
+  rules: Rules
+  mesh: jax.sharding.Mesh
+  on_drop: Callable[[float], None] | None
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("llama4_sharding", default=None)
 
 
 @contextlib.contextmanager
-def use(rules: Any, mesh: jax.sharding.Mesh) -> Iterator[None]:
-  """Within this block, activations are placed on `mesh` by `rules`, and MoE layers dispatch their
-  experts by `rules.expert_parallel`. Also makes `mesh` the current JAX mesh (`jax.set_mesh`)."""
-  token = _ACTIVE.set((rules, mesh))
+def use(rules: Rules, mesh: jax.sharding.Mesh, on_drop: Callable[[float], None] | None = None) -> Iterator[None]:
+  """Within this block, activations are placed on `mesh` by `rules`, and routed experts split over a mesh
+  axis travel by `rules.dispatch`. `on_drop(fraction)` receives, every step, the fraction of assignments a
+  capacity-limited dispatch dropped. Also makes `mesh` the current JAX mesh (`jax.set_mesh`)."""
+  token = _ACTIVE.set(_Active(rules, mesh, on_drop))
   try:
     with jax.set_mesh(mesh):
       yield
   finally:
     _ACTIVE.reset(token)
-
-
-def active() -> tuple[Any, jax.sharding.Mesh] | None:
-  """(rules, mesh) of the enclosing `use` block, or None."""
-  return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -40,19 +48,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   ctx = _ACTIVE.get()
   if ctx is None:
     return x
-  rules, mesh = ctx
-  spec, _ = rules.resolve(names, x.shape, dict(mesh.shape), what="activation")
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  spec, _ = ctx.rules.resolve(names, x.shape, dict(ctx.mesh.shape), what="activation")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
 
 
-def routed_experts(experts_fn, x, idx, scores, gate_up, down, policy):
-  """The routed-expert computation of a MoE layer: `experts_fn(x, idx, scores, gate_up, down, policy)`
-  on one device, or `rules.expert_parallel(mesh, ...)` (shard_map + all_to_all) inside a `use` block."""
+def routed_experts(local_fn: dispatch.LocalExperts, x: jax.Array, idx: jax.Array, scores: jax.Array, weights,
+                   names: Sequence[tuple[str, ...]]) -> jax.Array:
+  """The routed-expert output [N, D] of one MoE layer (see `sharding.dispatch.LocalExperts` for `local_fn`,
+  `weights` and `names`): `local_fn` on every token outside a `use` block or when the rules have no
+  dispatch, else the expert-parallel dispatch (shard_map + all_to_all) of `sharding.dispatch`."""
   ctx = _ACTIVE.get()
-  if ctx is None:
-    return experts_fn(x, idx, scores, gate_up, down, policy)
-  rules, mesh = ctx
-  ep = getattr(rules, "expert_parallel", None)
-  if ep is None:
-    return experts_fn(x, idx, scores, gate_up, down, policy)
-  return ep(mesh, experts_fn, x, idx, scores, gate_up, down, policy)
+  if ctx is None or ctx.rules.dispatch is None:
+    return local_fn(x, idx, scores, weights, idx.size)
+  return dispatch.routed_experts(ctx.rules, ctx.mesh, local_fn, x, idx, scores, weights, names, ctx.on_drop)

@@ -12,11 +12,10 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from sharding.rules import MESH_AXES
-
-_AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +26,6 @@ class MeshConfig:
   fsdp: int = -1  # parameter (ZeRO-3) sharding; also splits the batch
   expert: int = 1  # routed-expert sharding; also splits the batch
   tensor: int = 1  # heads / mlp width sharding
-  # "auto": XLA propagates shardings from the constraints (what the model code is written for).
-  # "explicit": sharding in types; every op whose output sharding is ambiguous (e.g. the embedding
-  # gather) then needs out_sharding=, which the model does not pass today.
-  axis_types: str = "auto"
   # Of the `data` axis, the factor that crosses DCN (TPU slices, or GPU hosts): builds a hybrid mesh so
   # that only `data` traffic (one gradient all-reduce per step) leaves a slice / host. 1: single granule.
   dcn_data: int = 1
@@ -43,8 +38,6 @@ class MeshConfig:
       raise ValueError(f"mesh sizes must be positive integers or -1, got {self.sizes_dict()}")
     if sizes.count(-1) > 1:
       raise ValueError(f"at most one mesh axis may be -1, got {self.sizes_dict()}")
-    if self.axis_types not in _AXIS_TYPES:
-      raise ValueError(f"axis_types must be one of {sorted(_AXIS_TYPES)}, got {self.axis_types!r}")
     if self.dcn_data < 1:
       raise ValueError(f"dcn_data must be >= 1, got {self.dcn_data}")
 
@@ -102,10 +95,8 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | No
   devices = list(jax.devices() if devices is None else devices)
   sizes = cfg.shape(len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  types = (_AXIS_TYPES[cfg.axis_types],) * len(MESH_AXES)
+  types = (AxisType.Auto,) * len(MESH_AXES)  # XLA propagates shardings from the constraints
   if cfg.dcn_data > 1:
-    from jax.experimental import mesh_utils
-
     ici = (sizes["data"] // cfg.dcn_data, *shape[1:])
     dcn = (cfg.dcn_data, 1, 1, 1)
     arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,

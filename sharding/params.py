@@ -1,12 +1,12 @@
 """Parameter placement from the model's logical axis names: specs, shardings, sharded init, placement.
 
-Everything here works on the abstract model (`llama4_jax.llama4.abstract`: `nnx.eval_shape`, no
-allocation), so the shardings of Scout and Maverick are known before a byte is allocated.
+Everything here works on any NNX state whose variables carry logical axis names in their `out_sharding`
+metadata, abstract (`nnx.eval_shape`, no allocation) or concrete, so the shardings of Scout and Maverick are
+known before a byte is allocated.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Any, Mapping
@@ -32,7 +32,7 @@ def path_str(path) -> str:
 
 
 def logical_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
-  """The logical axis names a parameter was created with (`layers.param`), or None."""
+  """The logical axis names a variable was created with (its `out_sharding` metadata), or None."""
   meta = var.get_metadata()
   names = meta.get("out_sharding", meta.get("sharding_names"))
   return None if names is None else tuple(names)
@@ -65,21 +65,6 @@ def param_shardings(tree: Any, rules: Rules, mesh: jax.sharding.Mesh, warn: bool
     warnings.warn(f"{len(notes)} parameter dimension(s) replicated under rules {rules.name!r}:\n  "
                   + "\n  ".join(notes), stacklevel=2)
   return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, v.get_value())), specs, is_leaf=_is_var)
-
-
-def init_sharded(cfg, policy, rules: Rules, mesh: jax.sharding.Mesh, seed: int = 0):
-  """`llama4_jax.llama4.init(cfg, policy, seed)` with every parameter materialised directly in its
-  sharding (one jitted program with `out_shardings`): same values, no full copy on any device."""
-  from llama4_jax import llama4  # deferred: the model imports `sharding`
-
-  graphdef, abstract_state = nnx.split(llama4.abstract(cfg, policy))
-  shardings = param_shardings(abstract_state, rules, mesh)
-
-  @functools.partial(jax.jit, out_shardings=shardings)
-  def make(key):
-    return nnx.split(llama4.Llama4(cfg, policy, nnx.Rngs(params=key)))[1]
-
-  return nnx.merge(graphdef, make(jax.random.key(seed)))
 
 
 def shard_model(model: nnx.Module, rules: Rules, mesh: jax.sharding.Mesh) -> nnx.Module:

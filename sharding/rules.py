@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 from jax.sharding import PartitionSpec as P
 
@@ -41,33 +41,33 @@ class AxisCollision(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpertParallel:
-  """How the routed experts are dispatched when the rules are active (see `sharding.expert_parallel`).
+class ExpertDispatch:
+  """How tokens travel to the devices holding their routed experts (`sharding.dispatch`), when the rules
+  split the experts over a mesh axis.
 
   mode:
     "dropless"  padded `all_to_all`; the send buffer holds, per destination, every local assignment
                 (the worst case: all of them to one device), so nothing is ever dropped.
     "capacity"  padded `all_to_all` with `capacity_factor * assignments / devices` slots per destination;
-                overflowing assignments contribute zero. `on_drop(fraction)` is called every step with
-                the global fraction of dropped assignments.
+                overflowing assignments contribute zero (the fraction is reported to the `on_drop`
+                callback of `sharding.use`).
     "ragged"    `jax.lax.ragged_all_to_all`: only the real rows travel (GPU/TPU only; XLA:CPU cannot
                 compile it, so it is not exercised by the CPU tests).
   """
 
   mode: str = "dropless"
   capacity_factor: float = 1.25  # slots per destination, relative to the balanced load (mode "capacity")
-  on_drop: Callable[[float], None] | None = None  # receives the dropped fraction (mode "capacity")
 
   def __post_init__(self):
     if self.mode not in ("dropless", "capacity", "ragged"):
-      raise ValueError(f"ExpertParallel.mode must be 'dropless', 'capacity' or 'ragged', got {self.mode!r}")
+      raise ValueError(f"ExpertDispatch.mode must be 'dropless', 'capacity' or 'ragged', got {self.mode!r}")
     if not self.capacity_factor > 0:
-      raise ValueError(f"ExpertParallel.capacity_factor must be positive, got {self.capacity_factor!r}")
+      raise ValueError(f"ExpertDispatch.capacity_factor must be positive, got {self.capacity_factor!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
-  """Logical axis name -> mesh axis. Every field below except `name` and `moe` is a logical name."""
+  """Logical axis name -> mesh axis. Every field below except `name` and `dispatch` is a logical name."""
 
   name: str = "custom"  # shown in error messages and plans
   # Parameters (names used by `llama4_jax.layers.param`).
@@ -97,12 +97,11 @@ class Rules:
   act_embed: Axis = None  # hidden D
   act_heads: Axis = None  # query heads
   act_kv_heads: Axis = None  # key/value heads
-  act_mlp: Axis = None  # mlp width
-  act_experts: Axis = None  # expert axis of per-expert activations
   act_vocab: Axis = None  # logits' vocab axis
   act_tokens: Axis = None  # flattened tokens N = B*T
-  # Routed experts: the expert-parallel dispatch, or None for the plain (GSPMD-partitioned) computation.
-  moe: ExpertParallel | None = dataclasses.field(default_factory=ExpertParallel)
+  # Routed experts split over a mesh axis travel by this dispatch; None: the plain (GSPMD-partitioned)
+  # computation with the expert weights gathered.
+  dispatch: ExpertDispatch | None = dataclasses.field(default_factory=ExpertDispatch)
 
   def __post_init__(self):
     for name in LOGICAL_NAMES:
@@ -156,16 +155,8 @@ class Rules:
     """PartitionSpec of logical `names` (no divisibility check). Raises on unknown names / collisions."""
     return self.resolve(names, what=what)[0]
 
-  def expert_parallel(self, mesh, experts_fn, x, idx, scores, gate_up, down, policy):
-    """The routed experts of one MoE layer under these rules (the hook `sharding.routed_experts` calls)."""
-    from sharding import expert_parallel  # deferred: that module imports the model's MoE math
 
-    if self.moe is None:
-      return experts_fn(x, idx, scores, gate_up, down, policy)
-    return expert_parallel.routed_experts(self, mesh, experts_fn, x, idx, scores, gate_up, down, policy)
-
-
-LOGICAL_NAMES = tuple(f.name for f in dataclasses.fields(Rules) if f.name not in ("name", "moe"))
+LOGICAL_NAMES = tuple(f.name for f in dataclasses.fields(Rules) if f.name not in ("name", "dispatch"))
 _NAME_SET = frozenset(LOGICAL_NAMES)
 
 
@@ -183,14 +174,14 @@ def _normalise(v, name: str, rules_name: str) -> Axis:
   return axes[0] if len(axes) == 1 else axes
 
 
-def from_mapping(mapping: Mapping[str, Axis], name: str = "custom", moe: ExpertParallel | None = ExpertParallel()
-                 ) -> Rules:
+def from_mapping(mapping: Mapping[str, Axis], name: str = "custom",
+                 dispatch: ExpertDispatch | None = ExpertDispatch()) -> Rules:
   """Rules from a {logical name: mesh axis} dict; an unknown key raises `UnknownAxisName`."""
   unknown = sorted(set(mapping) - _NAME_SET)
   if unknown:
     raise UnknownAxisName(f"rules {name!r}: unknown logical axis names {unknown}; known names: "
                           f"{', '.join(LOGICAL_NAMES)}")
-  return Rules(name=name, moe=moe, **mapping)
+  return Rules(name=name, dispatch=dispatch, **mapping)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,17 +200,16 @@ FSDP = Rules(name="fsdp", embed="fsdp", act_batch=_BATCH, **_FSDP_VISION)
 
 FSDP_TP = Rules(name="fsdp_tp", embed="fsdp", vocab="tensor", q_heads="tensor", kv_heads="tensor", mlp="tensor",
                 expert_mlp="tensor", vis_heads="tensor", vis_mlp="tensor", act_batch=_BATCH,
-                act_heads="tensor", act_kv_heads="tensor", act_mlp="tensor", act_vocab="tensor", **_FSDP_VISION)
+                act_heads="tensor", act_kv_heads="tensor", act_vocab="tensor", **_FSDP_VISION)
 """FSDP over `fsdp` plus Megatron tensor parallelism over `tensor` (heads, mlp widths, vocab)."""
 
-EXPERT_PARALLEL = Rules(name="expert_parallel", embed="fsdp", experts="expert", act_batch=_BATCH,
-                        act_experts="expert", **_FSDP_VISION)
+EXPERT_PARALLEL = Rules(name="expert_parallel", embed="fsdp", experts="expert", act_batch=_BATCH, **_FSDP_VISION)
 """Routed experts split over `expert` (tokens travel by all_to_all); everything else FSDP over `fsdp`."""
 
 INFERENCE = Rules(name="inference", vocab="tensor", q_heads="tensor", kv_heads="tensor", mlp="tensor",
                   expert_mlp="tensor", experts="expert", vis_heads="tensor", vis_mlp="tensor",
-                  act_batch="data", act_heads="tensor", act_kv_heads="tensor", act_mlp="tensor",
-                  act_vocab="tensor", act_experts="expert")
+                  act_batch="data", act_heads="tensor", act_kv_heads="tensor",
+                  act_vocab="tensor")
 """Serving: tensor parallel + expert parallel, no FSDP (no per-layer weight gathers). The batch is split
 over `data` only; the MoE dispatch splits each data shard's tokens over `expert` itself."""
 

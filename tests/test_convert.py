@@ -21,10 +21,12 @@ import hf_ref
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.convert_memory import build_hf, synthetic_config  # noqa: E402
-from llama4_jax import checkpoint as ckpt  # noqa: E402
+from llama4_jax import CheckpointError, load  # noqa: E402
 from llama4_jax import config as C  # noqa: E402
-from llama4_jax import convert, hf_keys, hf_read, hf_write  # noqa: E402
-from llama4_jax.hf_load import CheckpointError, list_tensors, load_hf  # noqa: E402
+from llama4_jax.io import checkpointer, convert, hf_keys, hf_sources, model_dir, orbax_store  # noqa: E402
+from llama4_jax.io import safetensors as st  # noqa: E402
+from llama4_jax.io.atomic import WriteError  # noqa: E402
+from llama4_jax.io.safetensors import list_tensors  # noqa: E402
 from tools.convert import main as cli  # noqa: E402
 
 np.float8_e4m3fn = getattr(np, "float8_e4m3fn", ml_dtypes.float8_e4m3fn)  # safetensors looks fp8 up in numpy
@@ -96,10 +98,10 @@ def test_round_trip_is_bit_identical(hf, converted, name):
   assert set(a) == {p.key for p in hf_keys.placements(cfg, prefix)}  # the key table covers the checkpoint
   assert_identical(a, b)
   assert C.from_hf(back) == cfg
-  sharded = os.path.exists(src / hf_write.INDEX_FILE)
-  assert os.path.exists(back / hf_write.INDEX_FILE) == sharded
+  sharded = os.path.exists(src / st.INDEX_FILE)
+  assert os.path.exists(back / st.INDEX_FILE) == sharded
   if sharded:
-    index = json.loads((back / hf_write.INDEX_FILE).read_text())
+    index = json.loads((back / st.INDEX_FILE).read_text())
     assert index["metadata"]["total_size"] == sum(v[1].nbytes for v in b.values())
     assert index["metadata"]["total_parameters"] == sum(v[1].size for v in b.values())
   for f in [*ASSETS, "generation_config.json"]:
@@ -119,11 +121,11 @@ def test_transformers_loads_the_export(hf, converted, name):
 
 
 def test_orbax_params_equal_the_hf_loader(hf, converted):
-  """Our parameters from the Orbax copy equal `load_hf`'s from the HF directory (same mapping)."""
+  """Our parameters from the Orbax copy equal `load`'s from the HF directory (same mapping)."""
   src, _ = hf["mm-fp32"]
   ob, _ = converted["mm-fp32"]
-  want = nnx.to_flat_state(nnx.state(load_hf(src, dtype="float32")))
-  got = nnx.to_flat_state(nnx.state(ckpt.load_model(ob)))
+  want = nnx.to_flat_state(nnx.state(load(src, dtype="float32").model))
+  got = nnx.to_flat_state(nnx.state(load(ob).model))
   assert [p for p, _ in want] == [p for p, _ in got]
   for (p, a), (_, b) in zip(want, got):
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
@@ -142,8 +144,8 @@ def test_dtype_cast_on_both_sides(hf, tmp_path):
 def test_export_of_a_training_checkpoint(hf, tmp_path):
   """orbax-to-hf takes a Checkpointer directory (latest step; config from meta["config"])."""
   src, _ = hf["text-fp32"]
-  state = nnx.state(load_hf(src, dtype="float32"))
-  with ckpt.Checkpointer(tmp_path / "run", async_save=False) as c:
+  state = nnx.state(load(src, dtype="float32").model)
+  with checkpointer.Checkpointer(tmp_path / "run", async_save=False) as c:
     c.save(1, state, meta={"config": C.to_hf(C.from_hf(src))})
   assert cli(["orbax-to-hf", "-q", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
   assert_identical(tensors_of(src), tensors_of(tmp_path / "back"))
@@ -167,7 +169,7 @@ def test_existing_destination_needs_overwrite(hf, converted, tmp_path, capsys):
 
 @pytest.mark.parametrize("direction", ["hf-to-orbax", "orbax-to-hf"])
 def test_disk_full_leaves_nothing(hf, converted, tmp_path, monkeypatch, direction):
-  target = (ckpt.ParamWriter, "write") if direction == "hf-to-orbax" else (hf_write.SafetensorsWriter, "write")
+  target = (orbax_store.ParamWriter, "write") if direction == "hf-to-orbax" else (st.SafetensorsWriter, "write")
   real, calls = getattr(*target), []
 
   def full(self, *a, **kw):
@@ -178,7 +180,7 @@ def test_disk_full_leaves_nothing(hf, converted, tmp_path, monkeypatch, directio
 
   monkeypatch.setattr(*target, full)
   dst = tmp_path / "out"
-  with pytest.raises(convert.ConversionError, match=f"{dst}.*no space left on device"):
+  with pytest.raises(WriteError, match=f"{dst}.*no space left on device"):
     if direction == "hf-to-orbax":
       convert.hf_to_orbax(hf["mm-fp32"][0], dst)
     else:
@@ -196,7 +198,7 @@ def bad(hf, tmp_path):
   import shutil
   d = tmp_path / "hf"
   shutil.copytree(hf["text-fp32"][0], d)
-  index = json.loads((d / hf_write.INDEX_FILE).read_text())
+  index = json.loads((d / st.INDEX_FILE).read_text())
   return d, d / index["weight_map"][KEY], index
 
 
@@ -245,10 +247,10 @@ def test_bad_orbax_checkpoint(converted, tmp_path):
   cfg = json.loads((ob / "config.json").read_text())
   cfg["intermediate_size"] = 48
   (ob / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(CheckpointError, match=rf"{ob}/params: parameter text\.blocks\.layers\.0\.ffn\.\w+ has shape"):
+  with pytest.raises(CheckpointError, match=rf"{ob}/params: parameter 'text\.blocks\.layers\.0\.ffn\.\w+' has shape"):
     convert.orbax_to_hf(ob, tmp_path / "out")
   assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-  with pytest.raises(CheckpointError, match="not an Orbax model directory"):
+  with pytest.raises(CheckpointError, match="not a HF directory.*model directory"):
     convert.orbax_to_hf(tmp_path, tmp_path / "out2")
 
 
@@ -350,7 +352,7 @@ def test_fp8_dequantised_weights(fp8, tmp_path, layout):
   assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
   # Default dtype for an FP8 source: bfloat16, one rounding of the float32 dequantisation.
   convert.hf_to_orbax(d, tmp_path / "ob16")
-  gu = ckpt.ParamReader(tmp_path / "ob16").read(("text", "blocks", "layers", 0, "ffn", "gate_up"), 0)
+  gu = orbax_store.ParamReader(tmp_path / "ob16" / "params").read(("text", "blocks", "layers", 0, "ffn", "gate_up"), 0)
   np.testing.assert_array_equal(gu, want["model.layers.0.feed_forward.experts.gate_up_proj"].reshape(gu.shape)
                                 .astype(ml_dtypes.bfloat16))
 
@@ -359,7 +361,7 @@ def test_fp8_logits_match_transformers_on_the_dequantised_weights(fp8, tmp_path)
   import jax.numpy as jnp
   d, want = fp8["compressed-tensors"]
   convert.hf_to_orbax(d, tmp_path / "ob", dtype="float32")
-  ours = ckpt.load_model(tmp_path / "ob")
+  ours = load(tmp_path / "ob").model
   ref = fp8["ref_model"]
   ref.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in want.items()}, strict=True)
   got = np.asarray(nnx.jit(lambda m, x: m(x))(ours, jnp.asarray(IDS)))
@@ -370,9 +372,9 @@ def test_fp8_logits_match_transformers_on_the_dequantised_weights(fp8, tmp_path)
 def test_keep_fp8(fp8, tmp_path, layout):
   d, want = fp8[layout]
   assert cli(["hf-to-orbax", "-q", str(d), str(tmp_path / "ob"), "--keep-fp8", "--dtype", "float32"]) == 0
-  info = json.loads((tmp_path / "ob" / ckpt.INFO).read_text())["fp8"]
+  info = json.loads((tmp_path / "ob" / model_dir.INFO).read_text())["fp8"]
   assert info["leaves"] == {"ffn.gate_up": "ffn.gate_up_scale", "ffn.down": "ffn.down_scale"}
-  params = ckpt.restore_params(tmp_path / "ob")
+  params = model_dir.restore_params(tmp_path / "ob")
   t = TEXT.text
   E, D, I = t.num_local_experts, t.hidden_size, t.intermediate_size
   src = load_file(d / "model.safetensors")
@@ -392,7 +394,7 @@ def test_keep_fp8(fp8, tmp_path, layout):
                                       src[pre + "1.gate_proj.weight"].T.view(np.uint8))
         np.testing.assert_array_equal(ffn["gate_up_scale"][b, 1, 1], src[pre + "1.up_proj.weight_scale"][:, 0])
       else:  # left unquantised by the source: quantised per output column here, close to the original
-        w = hf_read.dequantize_ours(("ffn", "gate_up"), np.asarray(ffn["gate_up"][b]),
+        w = hf_sources.dequantize_ours(("ffn", "gate_up"), np.asarray(ffn["gate_up"][b]),
                                     np.asarray(ffn["gate_up_scale"][b]), np.float32)
         ref = want[pre + "gate_up_proj"].reshape(w.shape)
         assert np.abs(w - ref).max() <= np.abs(ref).max() / 8
@@ -405,22 +407,22 @@ def test_keep_fp8(fp8, tmp_path, layout):
 
 
 def test_keep_fp8_loads_with_fp8_experts_for_inference(fp8, tmp_path):
-  """`load_model` of a --keep-fp8 directory holds the stored FP8 bytes and scales as they are and runs them
+  """`load` of a --keep-fp8 directory holds the stored FP8 bytes and scales as they are and runs them
   (activations quantised per token): close to the dequantised model, not equal to it."""
   import jax.numpy as jnp
   d, _ = fp8["fbgemm_fp8"]
   convert.hf_to_orbax(d, tmp_path / "keep", dtype="float32", keep_fp8=True)
   convert.hf_to_orbax(d, tmp_path / "deq", dtype="float32")
-  model = ckpt.load_model(tmp_path / "keep")
+  model = load(tmp_path / "keep").model
   assert model.text.policy.expert_fp8
-  stored = ckpt.restore_params(tmp_path / "keep")["text"]["blocks"]["layers"]
+  stored = model_dir.restore_params(tmp_path / "keep")["text"]["blocks"]["layers"]
   for j, layer in enumerate(model.text.blocks.layers):
     for name in ("gate_up", "down"):
       assert getattr(layer.ffn, name).dtype == jnp.float8_e4m3fn
       assert np.asarray(getattr(layer.ffn, name)[...]).tobytes() == np.asarray(stored[str(j)]["ffn"][name]).tobytes()
       np.testing.assert_array_equal(getattr(layer.ffn, f"{name}_scale")[...], stored[str(j)]["ffn"][f"{name}_scale"])
   got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(IDS)))
-  ref = np.asarray(nnx.jit(lambda m, x: m(x))(ckpt.load_model(tmp_path / "deq"), jnp.asarray(IDS)))
+  ref = np.asarray(nnx.jit(lambda m, x: m(x))(load(tmp_path / "deq").model, jnp.asarray(IDS)))
   err = np.abs(got - ref).max() / np.abs(ref).max()
   assert 1e-5 < err < 0.1, err  # the exact arithmetic is tested at the seam (tests/test_fp8.py)
 
@@ -448,15 +450,15 @@ def test_fp8_missing_scale_is_named(fp8, tmp_path):
 
 _KILLED = textwrap.dedent("""
     import sys, time
-    from llama4_jax import checkpoint, convert
-    real, n = checkpoint.ParamWriter.write, [0]
+    from llama4_jax.io import convert, orbax_store
+    real, n = orbax_store.ParamWriter.write, [0]
     def write(self, *a, **kw):
       n[0] += 1
       if n[0] == 20:
         print("HALFWAY", flush=True)
         time.sleep(600)
       return real(self, *a, **kw)
-    checkpoint.ParamWriter.write = write
+    orbax_store.ParamWriter.write = write
     convert.hf_to_orbax(sys.argv[1], sys.argv[2])
 """)
 

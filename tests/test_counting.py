@@ -3,7 +3,7 @@
 import pytest
 
 from llama4_jax import config as C
-from llama4_jax.counting import count_params
+from llama4_jax.model.counting import count_params
 
 
 @pytest.mark.parametrize("cfg,total,text,active", [

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from llama4_jax import config as C
-from llama4_jax import evaluate as E
-from llama4_jax import llama4
+from llama4_jax import CheckpointError, load
+from llama4_jax.apps import evaluate as E
+from llama4_jax.model import llama4
 
 CFG = dataclasses.replace(C.TINY_SCOUT, vision=None)
 V = CFG.text.vocab_size
@@ -182,7 +183,7 @@ def test_read_mc_jsonl_errors(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(model, tmp_path_factory):
   """A training run as `make train` leaves it: checkpoints/<step>/{params, meta{"config"}} + tokenizer.json."""
-  from llama4_jax.checkpoint import Checkpointer
+  from llama4_jax.io.checkpointer import Checkpointer
   from llama4_jax.data.hf_tokenizer import train_bpe
 
   d = tmp_path_factory.mktemp("run")
@@ -193,18 +194,22 @@ def run_dir(model, tmp_path_factory):
 
 
 def test_load_training_run_and_converted_model(model, run_dir, tmp_path, plain_forward):
-  from llama4_jax.checkpoint import save_params
+  from llama4_jax.io.model_dir import save_params
 
   ids = list(np.random.RandomState(0).randint(0, V, 12))
   want = plain_forward(model, ids)
-  for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "7"):
-    loaded = E.load(checkpoint=str(path))
+  for path, kind in ((run_dir, "run"), (run_dir / "checkpoints", "run"), (run_dir / "checkpoints" / "7", "step")):
+    loaded = load(str(path))
     np.testing.assert_array_equal(plain_forward(loaded.model, ids), want)
     assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size <= 300
-    assert "step 7" in loaded.description
+    assert "step 7" in loaded.description and loaded.source.kind == kind
+    assert loaded.source.run_dir == str(run_dir) and loaded.source.step == 7
   save_params(tmp_path / "converted", nnx.state(model, nnx.Param), CFG)
-  loaded = E.load(checkpoint=str(tmp_path / "converted"), tokenizer=str(run_dir / "tokenizer.json"))
+  loaded = load(str(tmp_path / "converted"), tokenizer=str(run_dir / "tokenizer.json"))
+  assert loaded.source.kind == "model"
   np.testing.assert_array_equal(plain_forward(loaded.model, ids), want)
+  with pytest.raises(CheckpointError, match="not a HF directory"):
+    load(tmp_path)
 
 
 def test_eval_cli(run_dir, tmp_path, capsys):
@@ -223,7 +228,7 @@ def test_eval_cli(run_dir, tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "perplexity" in printed and "bits per byte" in printed and "mc acc" in printed
   res = json.loads(out.read_text())
-  loaded = E.load(checkpoint=str(run_dir))
+  loaded = load(str(run_dir))
   ref = E.evaluate_lm(loaded.model, loaded.tokenizer, ["\n".join(TEXTS) + "\n"], seq_len=32, batch_size=4)
   np.testing.assert_allclose(res["lm"]["perplexity"], ref.perplexity, rtol=1e-6)
   np.testing.assert_allclose(res["lm"]["bits_per_byte"], ref.bits_per_byte, rtol=1e-6)

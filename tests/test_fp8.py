@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 
 from llama4_jax import config as C
-from llama4_jax import fp8
-from llama4_jax.layers import einsum
-from llama4_jax.llama4 import init
+from llama4_jax.model import fp8
+from llama4_jax.model.layers import einsum
+from llama4_jax.model.llama4 import init
 
 F32_TRAIN = C.Policy(fp8="train")
 F32_INFER = C.Policy(fp8="inference")
@@ -89,10 +89,11 @@ def test_every_model_matmul_goes_through_the_seam(monkeypatch):
   jax.eval_shape(lambda m: m(jnp.zeros((1, 8), jnp.int32)), model)
   # TINY_MAVERICK block: 2 dense + 2 MoE layers; per layer q,k,v,o; dense: gate, up, down; MoE: shared
   # gate, up, down + routed gate_up and down.
-  assert seen.count("btd,dhk->bthk") == 4 * 3 and seen.count("bthk,hkd->btd") == 4
-  assert seen.count("...bd,...dci->...bci") == 2 and seen.count("...bi,...id->...bd") == 2
-  assert seen.count("...d,df->...f") == 2 * 2 + 2 * 2 and seen.count("...f,fd->...d") == 2 + 2
-  assert "nd,de->ne" not in seen and "btd,dv->btv" not in seen
+  assert seen.count("BTD,DHd->BTHd") == 4 and seen.count("BTD,DKd->BTKd") == 4 * 2
+  assert seen.count("BTHd,HdD->BTD") == 4
+  assert seen.count("...bD,...DcI->...bcI") == 2 and seen.count("...bI,...ID->...bD") == 2
+  assert seen.count("...D,DF->...F") == 2 * 2 + 2 * 2 and seen.count("...F,FD->...D") == 2 + 2
+  assert "ND,DE->NE" not in seen and "BTD,DV->BTV" not in seen
 
 
 def test_auto_is_off_on_cpu_and_detects_hopper():
@@ -210,12 +211,13 @@ def test_fp8_experts_hold_fp8_and_all_expert_paths_agree(stored_model):
 
 
 def test_fp8_experts_save_and_load_as_they_are(stored_model, tmp_path):
-  """A model holding FP8 experts saves its values and scales, and `load_model` brings it back as it was."""
-  from llama4_jax import checkpoint as ckpt
+  """A model holding FP8 experts saves its values and scales, and `load` brings it back as it was."""
+  from llama4_jax import load
+  from llama4_jax.io import model_dir
 
   model, _, ids = stored_model
-  ckpt.save_params(tmp_path / "m", nnx.state(model, nnx.Param), FP8_CFG)
-  back = ckpt.load_model(tmp_path / "m", C.FP32)
+  model_dir.save_params(tmp_path / "m", nnx.state(model, nnx.Param), FP8_CFG)
+  back = load(tmp_path / "m", policy=C.FP32).model
   assert back.text.policy.expert_fp8
   ffn, ffn_back = model.text.blocks.layers[1].ffn, back.text.blocks.layers[1].ffn
   assert np.asarray(ffn_back.down[...]).tobytes() == np.asarray(ffn.down[...]).tobytes()

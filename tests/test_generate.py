@@ -16,10 +16,10 @@ import torch
 from flax import nnx
 
 import hf_ref
-from llama4_jax import cache as cache_lib
+from llama4_jax.model import cache as cache_lib
 from llama4_jax import config as C
-from llama4_jax import generate as G
-from llama4_jax.hf_load import load_hf
+from llama4_jax.apps import generate as G
+from llama4_jax import load
 
 N_NEW = 64
 EOS = 2  # the tiny configs' eos id; the batches below contain a row that emits it
@@ -44,7 +44,7 @@ def pairs(tmp_path_factory):
       cfg = {"scout": C.TINY_SCOUT, "maverick": C.TINY_MAVERICK}[name]
       d = tmp_path_factory.mktemp(name)
       ref = hf_ref.build(cfg, str(d), seed=0)
-      cache[name] = (ref, load_hf(d, dtype="float32"))
+      cache[name] = (ref, load(d, dtype="float32").model)
     return cache[name]
 
   return get
@@ -136,7 +136,8 @@ def cached_steps():
   """A jitted cached step (one compilation per shape)."""
   @nnx.jit(static_argnames=("prefill",))
   def step(text, ids, cache, mask, prefill):
-    return cache_lib.forward(text, ids, cache, mask, prefill=prefill)
+    out = text.forward(ids, mask, cache=cache, prefill=prefill)
+    return out.logits, out.cache
   return step
 
 
@@ -149,7 +150,7 @@ def test_decode_equals_full_forward(pairs, cached_steps):
   pos = np.where(mask != 0, np.cumsum(mask, -1) - 1, 0)
   full = np.asarray(nnx.jit(lambda t, i, a, p: t(i, attention_mask=a, position_ids=p))(text, ids, mask, pos))
   P = 21
-  cache = cache_lib.init(text.cfg, 2, 64, jnp.float32)
+  cache = text.init_cache(2, 64, jnp.float32)
   logits, cache = cached_steps(text, ids[:, :P], cache, mask[:, :P], True)
   outs = [np.asarray(logits)]
   for t in range(P, 32):
@@ -169,7 +170,7 @@ def test_prefill_leaves_the_visible_keys_in_the_ring(pairs, cached_steps):
   _, ours = pairs("scout")
   text = ours.text
   ids, mask = left_padded([21, 18], seed=4)
-  cache = cache_lib.init(text.cfg, 2, 64, jnp.float32)
+  cache = text.init_cache(2, 64, jnp.float32)
   _, cache = cached_steps(text, ids, cache, mask, True)
   W = text.cfg.attention_chunk_size
   assert cache.ring_size == W and cache.max_len == 64
@@ -277,7 +278,7 @@ class CharTokenizer:
 def test_chat_image_prompt_through_build_inputs(pairs):
   """`generate_text`: chat format + an image (preprocessed into 1x2 tiles + global) via `prompt.build_inputs`,
   streamed text; the same tokens as transformers `generate` on those inputs."""
-  from llama4_jax.prompt import build_inputs
+  from llama4_jax.data.prompt import build_inputs
 
   ref, ours = pairs("scout")
   tok = CharTokenizer()

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from llama4_jax.config import TINY_SCOUT, VisionConfig
-from llama4_jax.vision import preprocess as pp
+from llama4_jax.data import images as pp
 
 S = 336
 
@@ -257,7 +257,7 @@ from transformers.image_utils import PILImageResampling
 backends.tvF = tvf
 backends.pil_torch_interpolation_mapping = {PILImageResampling.BILINEAR: Mode.BILINEAR}
 from transformers.models.llama4 import image_processing_llama4 as ipl
-from llama4_jax.vision import preprocess as pp
+from llama4_jax.data import images as pp
 
 hf = ipl.Llama4ImageProcessor()
 rng = np.random.default_rng(0)

@@ -24,10 +24,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import sharding
 from llama4_jax import config as C
-from llama4_jax import llama4, moe
-from sharding import expert_parallel as ep_lib
+from llama4_jax.model import llama4, moe
+from sharding import dispatch as ep_lib
 from sharding import params as sp
-from sharding import plan as plan_lib
+from llama4_jax.apps import plan as plan_lib
 from sharding import rules as R
 
 POLICY = C.Policy(matmul_precision="highest")
@@ -227,7 +227,7 @@ def test_parameters_live_where_their_rule_says(preset):
 def test_sharded_init_equals_init_and_is_placed():
   rules, mesh = layout("expert_parallel")
   cfg = MODELS["maverick"]
-  m = sharding.init_sharded(cfg, POLICY, rules, mesh, seed=0)
+  m = llama4.init(cfg, POLICY, seed=0, shardings=sharding.param_shardings(llama4.abstract(cfg, POLICY), rules, mesh))
   want = nnx.state(llama4.init(cfg, POLICY, seed=0))  # on one device
   got = nnx.state(m)
   specs, _ = sharding.param_specs(got, rules, mesh)
@@ -306,9 +306,7 @@ def test_mesh_config():
     sharding.MeshConfig(fsdp=4).shape(8)
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, expert=2, tensor=2))
   assert mesh.axis_names == ("data", "fsdp", "expert", "tensor") and mesh.devices.size == 8
-  assert all(t == AxisType.Auto for t in mesh.axis_types)
-  explicit = sharding.make_mesh(sharding.MeshConfig(axis_types="explicit"))
-  assert all(t == AxisType.Explicit for t in explicit.axis_types)
+  assert all(t == AxisType.Auto for t in mesh.axis_types)  # the model is written for propagated shardings
   lines = []
   sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4), log=lines.append)
   assert "[process 0/1] mesh (data=2, fsdp=4, expert=1, tensor=1)" in lines[0]
@@ -335,7 +333,7 @@ def _layer_inputs(route: str):
 
 
 def _layer_loss(x, idx, scores, gate_up, down):
-  y = sharding.routed_experts(moe.sorted_experts, x, idx, scores, gate_up, down, POLICY)
+  y = moe.routed(x, idx, scores, gate_up, down, POLICY)
   return jnp.sum(jnp.sin(y)), y
 
 
@@ -349,8 +347,8 @@ def _layer_sharded(rules):
   return jax.jit(_layer_step)
 
 
-def _layer_run(rules, mesh, inputs):
-  with sharding.use(rules, mesh):
+def _layer_run(rules, mesh, inputs, on_drop=None):
+  with sharding.use(rules, mesh, on_drop=on_drop):
     return _layer_sharded(rules)(*inputs)
 
 
@@ -374,8 +372,8 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 def test_expert_parallel_layer_matches_and_differentiates(mode, route, monkeypatch):
   if mode == "ragged_emulated":
     monkeypatch.setattr(ep_lib, "ragged_all_to_all", emulated_ragged_all_to_all)
-  ep = R.ExpertParallel(mode="ragged" if mode == "ragged_emulated" else "dropless")
-  rules = dataclasses.replace(R.EXPERT_PARALLEL, moe=ep)
+  ep = R.ExpertDispatch(mode="ragged" if mode == "ragged_emulated" else "dropless")
+  rules = dataclasses.replace(R.EXPERT_PARALLEL, dispatch=ep)
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, expert=4))
   inputs = _layer_inputs(route)
   (_, y), grads = _layer_run(rules, mesh, inputs)
@@ -388,12 +386,11 @@ def test_expert_parallel_layer_matches_and_differentiates(mode, route, monkeypat
 
 def test_capacity_mode_reports_dropped_fraction():
   seen = []
-  rules = dataclasses.replace(R.EXPERT_PARALLEL, moe=R.ExpertParallel(mode="capacity", capacity_factor=1.0,
-                                                                      on_drop=seen.append))
+  rules = dataclasses.replace(R.EXPERT_PARALLEL, dispatch=R.ExpertDispatch(mode="capacity", capacity_factor=1.0))
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, expert=4))
   x, idx, scores, gate_up, down = _layer_inputs("all_to_last_device")
   x, idx, scores = x[:40], idx[:40], scores[:40]  # 5 tokens, 10 assignments per device
-  (_, y), _ = _layer_run(rules, mesh, (x, idx, scores, gate_up, down))
+  (_, y), _ = _layer_run(rules, mesh, (x, idx, scores, gate_up, down), on_drop=seen.append)
   jax.effects_barrier()
   # Each device sends its 10 assignments to one device with ceil(1.0 * 10 / 4) = 3 slots: 7 of 10 dropped.
   assert len(seen) == 1 and abs(float(seen[0]) - 0.7) < 1e-6, seen

@@ -16,12 +16,12 @@ import torch
 from flax import nnx
 
 import hf_ref
-from llama4_jax import attention as attn_lib
+from llama4_jax.model import attention as attn_lib
 from llama4_jax import config as C
-from llama4_jax import moe as moe_lib
-from llama4_jax import rope
-from llama4_jax.hf_load import load_hf
-from llama4_jax.model import Attention
+from llama4_jax.model import moe as moe_lib
+from llama4_jax.model import rope
+from llama4_jax import load
+from llama4_jax.model.text import Attention
 
 TOL = 1e-4
 TOPK2 = dataclasses.replace(C.TINY_SCOUT, text=dataclasses.replace(C.TINY_SCOUT.text, num_experts_per_tok=2))
@@ -44,7 +44,7 @@ class Pair:
 
   def __init__(self, cfg, directory, **build_kw):
     self.ref = hf_ref.build(cfg, str(directory), **build_kw)
-    self.ours = load_hf(directory, dtype="float32")
+    self.ours = load(directory, dtype="float32").model
     self.dir = directory
 
   def err(self, ids=IDS, mask=None, position_ids=None, model=None):
@@ -111,7 +111,7 @@ def test_bf16_checkpoint_files(tmp_path):
   from safetensors import safe_open
   with safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
     assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
-  ours = load_hf(tmp_path, dtype="float32")
+  ours = load(tmp_path, dtype="float32").model
   err = np.abs(forward(ours, IDS) - hf_ref.logits(ref, IDS)).max()
   assert err <= TOL, err
 
@@ -124,7 +124,7 @@ def test_legacy_config_spelling(pairs, tmp_path):
   legacy["text_config"].pop("moe_layers")
   os.symlink(os.path.join(p.dir, "model.safetensors"), tmp_path / "model.safetensors")
   (tmp_path / "config.json").write_text(json.dumps(legacy))
-  assert p.err(model=load_hf(tmp_path, dtype="float32")) <= TOL
+  assert p.err(model=load(tmp_path, dtype="float32").model) <= TOL
 
 
 def test_moe_implementations_agree(pairs):
@@ -133,7 +133,7 @@ def test_moe_implementations_agree(pairs):
   base = forward(p.ours, IDS)
   for impl in ("dense", "ragged"):
     g, st = nnx.split(p.ours)
-    g2 = nnx.graphdef(nnx.eval_shape(lambda: __import__("llama4_jax.llama4", fromlist=["Llama4"]).Llama4(
+    g2 = nnx.graphdef(nnx.eval_shape(lambda: __import__("llama4_jax.model.llama4", fromlist=["Llama4"]).Llama4(
         C.TINY_SCOUT if False else TOPK2, dataclasses.replace(p.ours.policy, moe_impl=impl), nnx.Rngs(0))))
     other = nnx.merge(g2, st)
     assert np.abs(forward(other, IDS) - base).max() <= 1e-5
@@ -152,9 +152,9 @@ def _rotate_half(x, cos, sin):
   return (x32 * c + rot * s).astype(x.dtype)
 
 
-def _score_on_output(x, idx, scores, gate_up, down, policy):
+def _score_on_output(x, idx, scores, gate_up, down, policy, expected_rows=None):
   ones = jnp.ones_like(scores)
-  return moe_lib.sorted_experts(x, idx, ones, gate_up, down, policy) * scores[:, :1]
+  return moe_lib.sorted_experts(x, idx, ones, gate_up, down, policy, expected_rows) * scores[:, :1]
 
 
 def _perturbed_err(p, monkeypatch, what):
@@ -195,7 +195,7 @@ def test_single_wrong_detail_breaks_parity(pairs, monkeypatch, what):
 
 def _jacobian_mask(cfg, T):
   """|d logits[t] / d embeds[s]| > 0 as a [T, T] boolean matrix, for our randomly initialised model."""
-  from llama4_jax.llama4 import init
+  from llama4_jax.model.llama4 import init
   model = init(cfg, C.FP32, seed=1)
   ids = jnp.asarray(np.random.RandomState(1).randint(0, 300, (1, T)))
   emb = model.text.embed_tokens(ids)
@@ -237,5 +237,5 @@ def test_bf16_argmax_agreement(tmp_path):
       ids = np.random.RandomState(seed).randint(0, 300, (8, 128))
       want = hf_ref.logits(ref32, ids).argmax(-1)
       hf16.append(hf_ref.logits(ref16, ids).argmax(-1) == want)
-      ours16.append(forward(load_hf(d, dtype="bfloat16"), ids).argmax(-1) == want)
+      ours16.append(forward(load(d, dtype="bfloat16").model, ids).argmax(-1) == want)
   assert np.mean(ours16) >= np.mean(hf16), (np.mean(ours16), np.mean(hf16))

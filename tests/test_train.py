@@ -24,7 +24,7 @@ import pytest
 
 from experiments.train import load_config
 from llama4_jax import config as C
-from llama4_jax import llama4
+from llama4_jax.model import llama4
 from llama4_jax.data import hf_tokenizer, pipeline
 from llama4_jax.data.sources import Message
 from llama4_jax.train import config as tc
@@ -245,7 +245,7 @@ def test_selection_bias_balances_without_gradients():
 
 
 def test_selection_bias_changes_selection_not_scores():
-  from llama4_jax import moe
+  from llama4_jax.model import moe
 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
@@ -351,7 +351,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
   exp = tiny(workdir, "name=nan", "run.steps=10", "run.ckpt_every=2", "mesh.fsdp=1")
   with pytest.raises(loop.TrainingDiverged, match=r"step 7: loss nan.*Last good checkpoint: step 6"):
     loop.run(exp, log=lambda *_: None, devices=jax.devices()[:1])
-  from llama4_jax.checkpoint import Checkpointer, restore_params
+  from llama4_jax.io.checkpointer import Checkpointer
+  from llama4_jax.io.model_dir import restore_params
 
   run_dir = workdir / "runs" / "nan"
   ck = Checkpointer(run_dir / "checkpoints")

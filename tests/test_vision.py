@@ -19,8 +19,11 @@ from transformers.models.llama4 import modeling_llama4 as hf_llama4
 
 import hf_ref
 from llama4_jax import config as C
-from llama4_jax import hf_keys, hf_load, rope
-from llama4_jax.vision import model as vm
+from llama4_jax import CheckpointError, load
+from llama4_jax.io import hf_keys, hf_sources
+from llama4_jax.io import safetensors as st
+from llama4_jax.model import rope
+from llama4_jax.model import vision as vm
 
 CFG = C.TINY_SCOUT
 V = CFG.vision
@@ -54,7 +57,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(ckpt):
-  return hf_load.load_hf(ckpt[1], dtype="float32")
+  return load(ckpt[1], dtype="float32").model
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +228,7 @@ def test_token_count_mismatch(ours):
 
 def test_load_roundtrip_no_key_skipped(ckpt, ours, caplog):
   _, d = ckpt
-  tensors = hf_load.list_tensors(d)
+  tensors = st.list_tensors(d)
   places = hf_keys.placements(CFG, hf_keys.MULTIMODAL_TEXT_PREFIX)
   assert {p.key for p in places} == set(tensors)
   assert sum(p.key.startswith(("vision_model.", "multi_modal_projector.")) for p in places) == 1 + 7 + 2 + 16 * 2
@@ -233,23 +236,23 @@ def test_load_roundtrip_no_key_skipped(ckpt, ours, caplog):
   for p in places:
     ours_arr = np.asarray(state[p.path][...])
     ours_arr = ours_arr if p.index is None else ours_arr[p.index]
-    np.testing.assert_array_equal(p.entry.to_hf(ours_arr, CFG), hf_load.read_tensor(tensors[p.key], p.key),
+    np.testing.assert_array_equal(p.entry.to_hf(ours_arr, CFG), st.read(tensors[p.key], p.key),
                                   err_msg=p.key)
-  with caplog.at_level(logging.INFO, logger=hf_load.__name__):
-    hf_load.plan(CFG, tensors)
+  with caplog.at_level(logging.INFO, logger=hf_sources.__name__):
+    hf_sources.sources(CFG, tensors, None)
   assert not caplog.records
 
 
 def test_text_only_config_and_text_only_checkpoint(ckpt, caplog):
   _, d = ckpt
-  tensors = hf_load.list_tensors(d)
+  tensors = st.list_tensors(d)
   text_cfg = dataclasses.replace(CFG, vision=None)
-  with caplog.at_level(logging.INFO, logger=hf_load.__name__):
-    places = hf_load.plan(text_cfg, tensors)
-  assert all(p.path[0] == "text" for p in places)
+  with caplog.at_level(logging.INFO, logger=hf_sources.__name__):
+    places = hf_sources.sources(text_cfg, tensors, None)
+  assert all(s.placement.path[0] == "text" for s in places)
   assert any("42 vision tower / projector tensors" in r.getMessage() for r in caplog.records)
   causal_lm = {k[len(hf_keys.MULTIMODAL_TEXT_PREFIX):]: v for k, v in tensors.items()
                if k.startswith(hf_keys.MULTIMODAL_TEXT_PREFIX)}
-  assert len(hf_load.plan(text_cfg, causal_lm)) == len(places)
-  with pytest.raises(hf_load.CheckpointError, match="multimodal but the checkpoint has no vision"):
-    hf_load.plan(CFG, causal_lm)
+  assert len(hf_sources.sources(text_cfg, causal_lm, None)) == len(places)
+  with pytest.raises(CheckpointError, match="multimodal but the checkpoint has no vision"):
+    hf_sources.sources(CFG, causal_lm, None)

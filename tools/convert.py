@@ -5,9 +5,9 @@
 
 hf-to-orbax reads plain (fp32/bf16/fp16) checkpoints and the FP8 releases (compressed-tensors, fbgemm_fp8;
 dequantised to --dtype, default bfloat16, unless --keep-fp8). orbax-to-hf takes a converted model directory,
-a training Checkpointer directory (latest step) or one of its step directories. Output is atomic; an existing
+a training run or Checkpointer directory (latest step) or one of its step directories. Output is atomic; an existing
 destination is replaced only with --overwrite. Exit status 1 with a message naming the file and key on a bad
-checkpoint or an unwritable destination. The library is `llama4_jax.convert`.
+checkpoint or an unwritable destination. The library is `llama4_jax.io.convert`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion runs on the host; no accelerator needed
 
-from llama4_jax import convert  # noqa: E402
 from llama4_jax.config import ConfigError  # noqa: E402
-from llama4_jax.hf_load import CheckpointError  # noqa: E402
+from llama4_jax.io import convert  # noqa: E402
+from llama4_jax.io.atomic import WriteError  # noqa: E402
+from llama4_jax.io.validate import CheckpointError  # noqa: E402
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       stats = convert.orbax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                   overwrite=args.overwrite)
-  except (CheckpointError, ConfigError, convert.ConversionError, ValueError) as e:
+  except (CheckpointError, ConfigError, WriteError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   if not args.quiet:

@@ -5,8 +5,8 @@
   python -m tools.plan --serve ...                                                  # serving: no optimizer
 
 With --mesh, the given layout is planned (--rules picks the preset, default fsdp). Without it, every
---hardware target gets the layout `sharding.plan.choose_mesh` picks. The activation formula is in
-`sharding/plan.py`. Nothing is allocated: shapes come from `jax.eval_shape`.
+--hardware target gets the layout `llama4_jax.apps.plan.choose_mesh` picks. The activation formula is in
+`llama4_jax/apps/plan.py`. Nothing is allocated: shapes come from `jax.eval_shape`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning needs no accelerator
 
 from llama4_jax import config as C  # noqa: E402
-from llama4_jax import llama4  # noqa: E402
-from sharding import plan as P  # noqa: E402
+from llama4_jax.apps import plan as planner  # noqa: E402
+from llama4_jax.model import llama4  # noqa: E402
 from sharding.mesh import MeshConfig  # noqa: E402
 from sharding.rules import PRESETS as RULES  # noqa: E402
 
@@ -30,10 +30,10 @@ _COLS = ("model", "target", "mode", "rules", "mesh", "params", "grads", "adam m+
 
 
 def _gib(x: float) -> str:
-  return f"{x / P.GiB:.1f}"
+  return f"{x / planner.GiB:.1f}"
 
 
-def _row(model: str, target: str, hbm: float | None, work: P.Workload, p: P.MemoryPlan) -> tuple[str, ...]:
+def _row(model: str, target: str, hbm: float | None, work: planner.Workload, p: planner.MemoryPlan) -> tuple[str, ...]:
   mesh = ",".join(f"{a}={n}" for a, n in p.mesh.items())
   fits = "-" if hbm is None else ("yes" if p.fits(hbm) else "no")
   return (model, target, "train" if work.train else "serve", p.rules, mesh, _gib(p.params), _gib(p.grads),
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--preset", default="scout,maverick", help=f"model presets, comma-separated: {sorted(C.PRESETS)}")
   ap.add_argument("--mesh", help="axis sizes, e.g. fsdp=8 or data=2,expert=4 (unnamed axes are 1)")
   ap.add_argument("--rules", default="fsdp", help=f"sharding preset with --mesh: {sorted(RULES)}")
-  ap.add_argument("--hardware", default="8xh100,v5p-128,v6e-256", help=f"targets without --mesh: {sorted(P.HARDWARE)}")
+  ap.add_argument("--hardware", default="8xh100,v5p-128,v6e-256", help=f"targets without --mesh: {sorted(planner.HARDWARE)}")
   ap.add_argument("--dtype", default="bfloat16", help="parameter and activation dtype")
   ap.add_argument("--batch", type=int, help="global sequences per step (default: one per device)")
   ap.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
   policy = C.Policy(param_dtype=args.dtype, dtype=args.dtype, matmul_precision="default",
                     expert_fp8=args.expert_fp8)
-  base = P.Workload(seq=args.seq, train=not args.serve, remat=args.remat, master_fp32=not args.no_master,
+  base = planner.Workload(seq=args.seq, train=not args.serve, remat=args.remat, master_fp32=not args.no_master,
                       attention=args.attention)
   rows, notes = [], []
   for name in args.preset.split(","):
@@ -82,16 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--mesh needs explicit sizes (no -1): the planner has no devices to fill with")
       devices = math.prod(mesh.sizes_dict().values())
       work = dataclasses.replace(base, batch=args.batch or devices)
-      p = P.plan(cfg, policy, RULES[args.rules], mesh, work, abstract=abstract)
+      p = planner.plan(cfg, policy, RULES[args.rules], mesh, work, abstract=abstract)
       rows.append(_row(name, f"{devices} devices", None, work, p))
       notes.extend(p.notes)
       continue
     for hw_name in args.hardware.split(","):
-      if hw_name.strip() not in P.HARDWARE:
-        ap.error(f"--hardware {hw_name.strip()!r}: unknown target; targets: {sorted(P.HARDWARE)}")
-      hw = P.HARDWARE[hw_name.strip()]
+      if hw_name.strip() not in planner.HARDWARE:
+        ap.error(f"--hardware {hw_name.strip()!r}: unknown target; targets: {sorted(planner.HARDWARE)}")
+      hw = planner.HARDWARE[hw_name.strip()]
       work = dataclasses.replace(base, batch=args.batch or hw.devices)
-      _, _, p = P.choose_mesh(cfg, policy, hw, work, strict=False)  # the smallest plan if none fits
+      _, _, p = planner.choose_mesh(cfg, policy, hw, work, strict=False)  # the smallest plan if none fits
       rows.append(_row(name, hw.name, hw.hbm_gib, work, p))
       notes.extend(p.notes)
   print(f"GiB per device; dtype {args.dtype}; seq {args.seq}; remat {args.remat}; attention {args.attention}; "

@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from llama4_jax.data.hf_tokenizer import HFTokenizer
+from llama4_jax.data.llama4_tiktoken import Llama4Tokenizer
+
 LLAMA4 = "llama4"  # `load_tokenizer` spec for Meta's tiktoken tokenizer shipped in `llama_models`
 
 
@@ -36,9 +39,6 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
   `tokenizer.json` (HF `tokenizers` format, e.g. one written by `train_bpe`), a tiktoken
   `tokenizer.model` (Meta's format), or a directory holding one of those two.
   """
-  from llama4_jax.data.hf_tokenizer import HFTokenizer
-  from llama4_jax.data.llama4_tiktoken import Llama4Tokenizer
-
   if str(spec) == LLAMA4:
     return Llama4Tokenizer()
   path = Path(spec)

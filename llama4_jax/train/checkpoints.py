@@ -1,8 +1,8 @@
-"""Train state <-> `llama4_jax.checkpoint.Checkpointer` items.
+"""Train state <-> `llama4_jax.io.checkpointer.Checkpointer` items.
 
 Items of a step:
   params      every `nnx.Param` of the model (trainable and frozen together), the pure-dict layout of a
-              converted model, so `restore_params` / `tools.convert orbax-to-hf` read a training step as is
+              model directory, so `llama4_jax.load` / `tools.convert orbax-to-hf` read a training step as is
   opt_state   {"optimizer": optax state, "bias": MoE selection biases, "step", "total_steps": int32,
                "rng": key data}
   data_state  {"process_count": n, "states": [iterator state of process 0, 1, ...]} (grain `get_state`)
@@ -15,10 +15,11 @@ import json
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from flax import nnx
 from flax.nnx import traversals
 
-from llama4_jax.checkpoint import Checkpointer
+from llama4_jax.io.checkpointer import Checkpointer
 from llama4_jax.train.state import ModelParts, TrainState
 
 
@@ -41,8 +42,6 @@ def gather_data_state(state: dict) -> dict:
   n = jax.process_count()
   if n == 1:
     return {"process_count": 1, "states": [state]}
-  from jax.experimental import multihost_utils
-
   raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32))
   padded = np.zeros(int(sizes.max()), np.uint8)

@@ -30,15 +30,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import sharding
-from llama4_jax import checkpoint as ckpt_lib
 from llama4_jax import config as config_lib
-from llama4_jax import llama4
-from llama4_jax.counting import count_params
+from llama4_jax.apps.generate import Sampling, generate_text
+from llama4_jax.io.checkpointer import Checkpointer
+from llama4_jax.io.load import load, resolve
+from llama4_jax.model import llama4
+from llama4_jax.model.counting import count_params
+from llama4_jax.model.text import enable_selection_bias
 from llama4_jax.train import checkpoints, data, metrics, optim, plots
 from llama4_jax.train import step as step_lib
 from llama4_jax.train.config import Experiment, to_dict
-from llama4_jax.train.sample import sample
-from llama4_jax.train.state import ModelParts, TrainState, enable_selection_bias
+from llama4_jax.train.state import ModelParts, TrainState
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,24 +48,23 @@ class TrainingDiverged(RuntimeError):
 
 
 def model_config(exp: Experiment) -> tuple[config_lib.Llama4Config, str]:
-  """The architecture: the experiment's, or that of the converted checkpoint given by `run.init_from`."""
-  src = exp.run.init_from
-  if src and os.path.exists(os.path.join(src, ckpt_lib.CONFIG)):
-    return config_lib.from_hf(os.path.join(src, ckpt_lib.CONFIG)), f"config.json of {src}"
+  """The architecture: the experiment's, or that of the checkpoint given by `run.init_from` (any directory
+  `llama4_jax.load` reads)."""
+  if exp.run.init_from:
+    source = resolve(exp.run.init_from)
+    return source.config, source.describe()
   return exp.model, "experiment"
 
 
 class DropMonitor:
-  """Fraction of routed assignments dropped by a capacity-limited expert-parallel dispatch (reported by
-  the sharding layer's `on_drop` callback); the dropless paths drop nothing and report 0."""
+  """Fraction of routed assignments dropped by a capacity-limited expert-parallel dispatch (reported through
+  the `on_drop` callback of `sharding.use`); the dropless paths drop nothing and report 0."""
 
   def __init__(self):
     self.values: list[float] = []
 
-  def attach(self, rules: sharding.Rules) -> sharding.Rules:
-    if rules.moe is None or rules.moe.mode != "capacity":
-      return rules
-    return dataclasses.replace(rules, moe=dataclasses.replace(rules.moe, on_drop=self.values.append))
+  def on_drop(self, fraction: float) -> None:
+    self.values.append(float(fraction))
 
   def take(self) -> float:
     v = float(np.mean(self.values)) if self.values else 0.0
@@ -72,17 +73,16 @@ class DropMonitor:
 
 
 def _fresh_params(exp: Experiment, cfg, rules, mesh, freeze: bool) -> tuple[dict, dict, dict]:
-  """(params, frozen, bias) pure dicts, placed by the rules: random init, or restored from `run.init_from`
+  """(params, frozen, bias) pure dicts, placed by the rules: random init, or loaded from `run.init_from`
   (every device reads its own slice; floating leaves cast to the policy's parameter dtype)."""
+  shardings = sharding.param_shardings(llama4.abstract(cfg, exp.policy), rules, mesh, warn=False)
   if exp.run.init_from:
-    if ckpt_lib.read_info(exp.run.init_from).get("fp8"):
+    if resolve(exp.run.init_from).info.get("fp8"):
       raise ValueError(f"run.init_from={exp.run.init_from}: holds FP8 expert weights (converted with --keep-fp8, "
                        f"for inference); convert the release without --keep-fp8 to fine-tune it")
-    graphdef, state = nnx.split(llama4.abstract(cfg, exp.policy))
-    target = ckpt_lib.abstract_target(state, sharding.param_shardings(state, rules, mesh, warn=False))
-    model = nnx.merge(graphdef, ckpt_lib.restore_params(exp.run.init_from, target))
+    model = load(exp.run.init_from, policy=exp.policy, shardings=shardings, text_only=cfg.vision is None).model
   else:
-    model = sharding.init_sharded(cfg, exp.policy, rules, mesh, seed=exp.run.seed)
+    model = llama4.init(cfg, exp.policy, seed=exp.run.seed, shardings=shardings)
   if exp.moe.bias_balancing:
     enable_selection_bias(model)
   _, params, frozen, bias = ModelParts.split(model, freeze)
@@ -140,7 +140,7 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
   main = jax.process_index() == 0
   os.makedirs(run_dir, exist_ok=True)
   drops = DropMonitor()
-  rules = drops.attach(sharding.preset(exp.rules))
+  rules = sharding.preset(exp.rules)
   cfg, cfg_source = model_config(exp)
 
   corpus = data.load_corpus(exp.data, run_dir)
@@ -180,7 +180,7 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
                       opt_state=tx.init(params), rng=key)
 
   make_state = jax.jit(new_state, out_shardings=shardings)
-  ck = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.run.keep)
+  ck = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.run.keep)
   it = data.train_iterator(corpus, D)
   resumed_from = ck.latest_step() if resume else None
   if resumed_from is not None:
@@ -226,7 +226,7 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
   def save(force=False):
     checkpoints.save(ck, state, it.get_state(), meta(), force=force)
 
-  with sharding.use(rules, mesh):
+  with sharding.use(rules, mesh, on_drop=drops.on_drop):
     val = None
     step_times: list[float] = []
     compile_s = None
@@ -320,8 +320,9 @@ def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
     text = ""
     if exp.run.sample_prompt:
       model = parts.merge(state.params, state.frozen, state.bias)
-      text = sample(model, corpus.tokenizer, exp.run.sample_prompt, exp.run.sample_tokens,
-                    exp.run.sample_temperature, seed=jax.random.wrap_key_data(state.rng))
+      text = generate_text(model, corpus.tokenizer, [exp.run.sample_prompt], chat=False,
+                           max_new_tokens=exp.run.sample_tokens, sampling=Sampling(exp.run.sample_temperature),
+                           seed=jax.random.wrap_key_data(state.rng))[0]
     ck.wait()
     ck.close()
     t_end = time.perf_counter()

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import traversals
 
-from llama4_jax.model import SelectionBias
+import sharding
+from llama4_jax.model.text import SelectionBias
 
 
 def trainable_filter(freeze_vision: bool):
@@ -27,13 +28,6 @@ def trainable_filter(freeze_vision: bool):
   if not freeze_vision:
     return nnx.Param
   return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision")), nnx.Not(nnx.PathContains("projector")))
-
-
-def enable_selection_bias(model: nnx.Module) -> None:
-  """Attaches a zero selection bias to every MoE layer of `model` (in place)."""
-  for _, module in nnx.iter_graph(model):
-    if hasattr(module, "enable_selection_bias"):
-      module.enable_selection_bias()
 
 
 def _fill(template: nnx.State, pure: dict) -> nnx.State:
@@ -66,8 +60,6 @@ class ModelParts:
 
   def shardings(self, rules, mesh) -> tuple[dict, dict, dict]:
     """NamedShardings (pure dicts) of the three groups under `rules` on `mesh`; the bias is replicated."""
-    import sharding  # deferred like the rest of the tree: `sharding` imports the model
-
     def of(template):
       if not jax.tree.leaves(template):
         return {}

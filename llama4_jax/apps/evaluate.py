@@ -14,8 +14,7 @@ of their log-probabilities given everything before (bos prepended, as the harnes
 add_bos_token=True). Metrics: `acc` (argmax of the sums), `acc_norm` (sums divided by the choice's length in
 characters, the harness's acc_norm) and `acc_bytes` (divided by its UTF-8 byte length).
 
-Loading: `load` takes an Orbax checkpoint (a training run directory, its `checkpoints/` directory, one step
-of it, or a converted model directory) or a HF release directory.
+Models come from `llama4_jax.load` (any checkpoint directory).
 """
 
 from __future__ import annotations
@@ -37,13 +36,8 @@ from flax import nnx
 
 from llama4_jax.data.pipeline import eval_dataset
 from llama4_jax.data.tokenizers import Tokenizer
-from llama4_jax.llama4 import Llama4
 
 LN2 = math.log(2.0)
-
-
-def _text(model):
-  return model.text if isinstance(model, Llama4) else model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,8 +95,8 @@ def text_examples(texts: Sequence[str], tokenizer: Tokenizer) -> list[dict[str, 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _batch_nll(graphdef, state, batch):
   """Summed nats and count of the masked targets of one packed batch."""
-  text = _text(nnx.merge(graphdef, state))
-  logits = text.forward(batch["inputs"], position_ids=batch["positions"], segment_ids=batch["segment_ids"]).logits
+  model = nnx.merge(graphdef, state)
+  logits = model.forward(batch["inputs"], position_ids=batch["positions"], segment_ids=batch["segment_ids"]).logits
   target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   nll = (jax.nn.logsumexp(logits, axis=-1) - target) * batch["loss_mask"]
   return nll.sum(), batch["loss_mask"].sum()
@@ -188,7 +182,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 def _token_logprobs(graphdef, state, ids):
   """log p(ids[:, t+1] | ids[:, :t+1]) and whether it is the argmax, [B, W-1] each (right padding is
   never seen by real tokens under the causal mask)."""
-  logits = _text(nnx.merge(graphdef, state))(ids[:, :-1])
+  logits = nnx.merge(graphdef, state)(ids[:, :-1])
   logp = jax.nn.log_softmax(logits, axis=-1)
   tgt = ids[:, 1:]
   return jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0], jnp.argmax(logits, -1) == tgt
@@ -264,101 +258,3 @@ def score_multiple_choice(model, tokenizer: Tokenizer, items: Sequence[MCItem], 
     byt += int(np.argmax(sc / np.array([len(c.encode("utf-8")) for c in it.choices], float)) == it.answer)
   n = len(items)
   return MCResult(acc / n, norm / n, byt / n, n, scores, time.perf_counter() - t0)
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading
-
-
-@dataclasses.dataclass
-class Loaded:
-  model: Any  # Llama4
-  tokenizer: Tokenizer | None
-  description: str  # where it came from (step, directory)
-  run_dir: str | None  # the training run directory, if any
-
-
-def _step_dir(path: str) -> tuple[str, str | None]:
-  """(directory of one checkpoint step, the run directory or None) for a run / checkpoints / step path."""
-  from llama4_jax.checkpoint import Checkpointer
-
-  p = os.path.abspath(path)
-  if os.path.isdir(os.path.join(p, "params")) and os.path.isdir(os.path.join(p, "meta")):
-    return p, os.path.dirname(os.path.dirname(p))
-  ck_dir, run_dir = (os.path.join(p, "checkpoints"), p) if os.path.isdir(os.path.join(p, "checkpoints")) else (p, None)
-  if not os.path.isdir(ck_dir):
-    raise FileNotFoundError(f"{path}: no such checkpoint directory")
-  with Checkpointer(ck_dir, keep=None, async_save=False) as ck:
-    step = ck.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{path}: no complete checkpoint step in {ck_dir}")
-  return os.path.join(ck_dir, str(step)), run_dir or os.path.dirname(ck_dir)
-
-
-def _read_meta(step_dir: str) -> dict:
-  import orbax.checkpoint as ocp
-
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
-    return c.restore(os.path.join(step_dir, "meta"))
-
-
-def load(checkpoint: str | None = None, hf: str | None = None, tokenizer: str | None = None,
-         dtype: str | None = None) -> Loaded:
-  """A ready model and its tokenizer.
-
-  `checkpoint`: a training run directory (`runs/<name>/`, its latest step; tokenizer.json from there), its
-  `checkpoints/` directory, one step directory, or a converted model directory (config.json + params/).
-  `hf`: a HF release directory (`load_hf`). `tokenizer`: a `load_tokenizer` spec overriding the found one
-  (release directories: tokenizer.json there if present, else "llama4"). `dtype` sets parameters and compute."""
-  from llama4_jax import checkpoint as ckpt_lib
-  from llama4_jax import config as config_lib
-  from llama4_jax.data.tokenizers import load_tokenizer
-  from llama4_jax.llama4 import abstract
-
-  if (checkpoint is None) == (hf is None):
-    raise ValueError("give exactly one of checkpoint (Orbax) and hf (HF release directory)")
-  run_dir = None
-  if hf is not None:
-    from llama4_jax.hf_load import load_hf
-
-    model = load_hf(hf, dtype=dtype)
-    desc = f"HF {os.path.abspath(hf)}"
-    found = next((str(Path(hf) / n) for n in ("tokenizer.json", "tokenizer.model") if (Path(hf) / n).exists()),
-                 "llama4")
-  elif os.path.exists(os.path.join(checkpoint, ckpt_lib.CONFIG)) and \
-      os.path.isdir(os.path.join(checkpoint, ckpt_lib.PARAMS)):
-    policy = None if dtype is None else config_lib.Policy(
-        param_dtype=dtype, dtype=dtype, matmul_precision="highest" if dtype == "float32" else "default")
-    model = ckpt_lib.load_model(checkpoint, policy)
-    desc = f"model {os.path.abspath(checkpoint)}"
-    assets = Path(checkpoint) / ckpt_lib.ASSETS
-    found = next((str(assets / n) for n in ("tokenizer.json", "tokenizer.model") if (assets / n).exists()), "llama4")
-  else:
-    step_dir, run_dir = _step_dir(checkpoint)
-    meta = _read_meta(step_dir)
-    if "config" not in meta:
-      raise ValueError(f"{step_dir}/meta has no 'config' (the HF config.json dict): cannot rebuild the model")
-    cfg = config_lib.from_hf(meta["config"])
-    dt = dtype or ("bfloat16" if cfg.dtype == "float16" else cfg.dtype)
-    policy = config_lib.Policy(param_dtype=dt, dtype=dt, matmul_precision="highest" if dt == "float32" else "default")
-    abstract_model = abstract(cfg, policy)
-    bias = bool(meta.get("experiment", {}).get("moe", {}).get("bias_balancing", False))
-    if bias:
-      from llama4_jax.train.state import enable_selection_bias
-      enable_selection_bias(abstract_model)
-    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    params = ckpt_lib.restore_params(step_dir, ckpt_lib.abstract_target(params))
-    if bias:
-      with ckpt_lib.Checkpointer(os.path.dirname(step_dir), keep=None, async_save=False) as ck:
-        saved = ck.restore(int(os.path.basename(step_dir)))["opt_state"]["bias"]
-      rest = jax.tree.map(jnp.zeros_like, rest)
-      nnx.replace_by_pure_dict(rest, saved)
-    else:
-      rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
-    model = nnx.merge(graphdef, params, rest)
-    desc = f"step {meta.get('step', os.path.basename(step_dir))} of {os.path.dirname(step_dir)}"
-    found = next((os.path.join(run_dir, n) for n in ("tokenizer.json", "tokenizer.model")
-                  if run_dir and os.path.exists(os.path.join(run_dir, n))), None)
-  spec = tokenizer or found
-  tok = load_tokenizer(spec) if spec is not None else None
-  return Loaded(model, tok, desc, run_dir)

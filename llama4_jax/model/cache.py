@@ -1,4 +1,6 @@
 """KV cache for prefill + incremental decoding: static shapes, stacked over layer blocks like the parameters.
+The cached forward itself is the model's (`text.TextModel.forward(..., cache=...)`); this module holds the
+cache data and its bookkeeping, write and attend math.
 
 Letters: B batch, T new tokens, S cache slots, W ring slots, K kv heads, d head_dim, C chunk, n blocks.
 
@@ -34,11 +36,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from llama4_jax import attention as attn_lib
-from llama4_jax.attention import TokenInfo
 from llama4_jax.config import TextConfig
+from llama4_jax.model import attention as attn_lib
+from llama4_jax.model.attention import TokenInfo
 
 LayerKV = tuple[jax.Array, jax.Array]  # (k, v) of one layer: [B, S, K, d] (inside the scan) or [n, B, S, K, d]
 
@@ -62,7 +63,7 @@ class KVCache(NamedTuple):
 
 
 class Step(NamedTuple):
-  """Bookkeeping of one cached forward, shared by every layer (carried in `model.Context.step`)."""
+  """Bookkeeping of one cached forward, shared by every layer (carried in `text.Context.step`)."""
 
   index: jax.Array  # [] cache index of the first new token
   prefill: bool  # static: the cache is empty, attend over the new tokens only
@@ -97,11 +98,6 @@ def init(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
 def abstract(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
   """Shapes and dtypes of `init`'s cache, nothing allocated."""
   return jax.eval_shape(lambda: init(cfg, batch, max_len, dtype))
-
-
-def nbytes(cache: KVCache) -> int:
-  """Bytes held by a (possibly abstract) cache."""
-  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache)))
 
 
 def kv_bytes(cfg: TextConfig, length: int, dtype="bfloat16") -> int:
@@ -173,18 +169,3 @@ def begin(cache: KVCache, attention_mask, B: int, T: int, prefill: bool) -> tupl
 
 def finish(cache: KVCache, kv: tuple[LayerKV, ...], step: Step, T: int) -> KVCache:
   return KVCache(tuple(kv), step.ring, step.full, step.index + T, step.left_pad)
-
-
-def forward(text, input_ids: jax.Array, cache: KVCache, attention_mask=None, position_ids=None,
-            inputs_embeds=None, prefill: bool = False, last_only: bool = False) -> tuple[jax.Array, KVCache]:
-  """One cached step of a `model.TextModel`: logits [B, T, V] float32 (`last_only`: [B, 1, V]) of the new
-  tokens `input_ids` [B, T] (or their `inputs_embeds` [B, T, D], e.g. with image features merged) and the
-  updated cache. `prefill` requires an empty cache (`init`). The cache must have room: index + T <= max_len
-  (checked by the caller; a global write past the end would be clamped by XLA)."""
-  B, T = input_ids.shape
-  ctx = text.context(input_ids, attention_mask, position_ids, cache=cache, prefill=prefill)
-  h = text.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-  h, _, kv = text.run_layers(h, ctx, cache.kv)
-  if last_only:
-    h = h[:, -1:]
-  return text.logits(text.norm(h)), finish(cache, kv, ctx.step, T)

@@ -1,4 +1,4 @@
-"""load_hf on bad checkpoints: every failure names the file and key, and nothing is returned half-loaded."""
+"""`load` of bad HF checkpoints: every failure names the file and key, and nothing is returned half-loaded."""
 
 import json
 import os
@@ -10,7 +10,8 @@ from safetensors.numpy import load_file, save_file
 
 import hf_ref
 from llama4_jax import config as C
-from llama4_jax.hf_load import CheckpointError, list_tensors, load_hf
+from llama4_jax import CheckpointError, load
+from llama4_jax.io.safetensors import list_tensors
 
 TEXT_ONLY = C.Llama4Config(text=C.TINY_MAVERICK.text, vision=None, dtype="float32")
 
@@ -44,7 +45,7 @@ KEY = "model.layers.1.feed_forward.experts.gate_up_proj"
 
 def test_good_sharded_checkpoint_loads(good):
   assert len([f for f in os.listdir(good) if f.endswith(".safetensors")]) > 2
-  model = load_hf(good, dtype="float32")
+  model = load(good, dtype="float32").model
   assert model.text.blocks.layers[1].ffn.gate_up.shape[1:] == (8, 64, 2, 32)
 
 
@@ -54,14 +55,14 @@ def test_missing_key(good, tmp_path):
   del index["weight_map"][KEY]
   (d / "model.safetensors.index.json").write_text(json.dumps(index))
   with pytest.raises(CheckpointError, match=f"{KEY}.*missing"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_key_listed_in_index_but_absent_from_shard(good, tmp_path):
   d = _copy(good, tmp_path)
   shard, _ = _edit_shard(d, KEY, lambda t: t.pop(KEY))
   with pytest.raises(CheckpointError, match=f"{shard.name}.*{KEY}"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_unexpected_key(good, tmp_path):
@@ -71,21 +72,21 @@ def test_unexpected_key(good, tmp_path):
   index["weight_map"][extra] = shard.name
   (d / "model.safetensors.index.json").write_text(json.dumps(index))
   with pytest.raises(CheckpointError, match=f"{shard.name}.*unexpected key '{extra}'"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_wrong_shape(good, tmp_path):
   d = _copy(good, tmp_path)
   shard, _ = _edit_shard(d, KEY, lambda t: t.update({KEY: t[KEY][:, :, :-2]}))
   with pytest.raises(CheckpointError, match=rf"{shard.name}.*{KEY}.*shape \[8, 64, 62\].*\[8, 64, 64\]"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_wrong_dtype(good, tmp_path):
   d = _copy(good, tmp_path)
   shard, _ = _edit_shard(d, KEY, lambda t: t.update({KEY: t[KEY].astype(np.int64)}))
   with pytest.raises(CheckpointError, match=f"{shard.name}.*{KEY}.*dtype I64"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_truncated_file(good, tmp_path):
@@ -95,7 +96,7 @@ def test_truncated_file(good, tmp_path):
   data = shard.read_bytes()
   shard.write_bytes(data[: len(data) - 100])
   with pytest.raises(CheckpointError, match=f"{shard.name}.*(truncated|unreadable)"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_corrupt_header(good, tmp_path):
@@ -104,7 +105,7 @@ def test_corrupt_header(good, tmp_path):
     shard = d / json.load(f)["weight_map"][KEY]
   shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage-header}")
   with pytest.raises(CheckpointError, match=f"{shard.name}.*unreadable"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_missing_shard(good, tmp_path):
@@ -113,7 +114,7 @@ def test_missing_shard(good, tmp_path):
     shard = d / json.load(f)["weight_map"][KEY]
   shard.unlink()
   with pytest.raises(CheckpointError, match=f"{shard.name}.*missing"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_config_disagrees_with_tensors(good, tmp_path):
@@ -122,7 +123,7 @@ def test_config_disagrees_with_tensors(good, tmp_path):
   cfg["intermediate_size"] = 48
   (d / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match="shape"):
-    load_hf(d, dtype="float32")
+    load(d, dtype="float32").model
 
 
 def test_empty_directory(tmp_path):

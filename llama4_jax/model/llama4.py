@@ -9,15 +9,17 @@ receives projected row k in place of its token embedding. Everything else is the
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from llama4_jax.config import Llama4Config, Policy
-from llama4_jax.layers import einsum, normal, param
-from llama4_jax.model import Output, TextModel
-from llama4_jax.vision.model import VisionModel, check_image_tokens, merge_image_features
+from llama4_jax.model import cache as cache_lib
+from llama4_jax.model.layers import einsum, normal, param
+from llama4_jax.model.text import Output, TextModel
+from llama4_jax.model.vision import VisionModel, check_image_tokens, merge_image_features
 
 
 @dataclasses.dataclass
@@ -28,8 +30,8 @@ class Llama4Output(Output):
   image_features: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Llama4Output, data_fields=["logits", "hidden", "router_logits", "image_features"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(Llama4Output, data_fields=["logits", "hidden", "router_logits", "cache",
+                                                          "image_features"], meta_fields=[])
 
 
 def _is_concrete(x) -> bool:
@@ -67,23 +69,22 @@ class Llama4(nnx.Module):
     n_tiles = pixel_values.shape[0]
     check_image_tokens(input_ids, n_tiles * self.cfg.vision.tokens_per_tile, self.cfg.image_token_index)
 
-  def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-              pixel_values=None) -> Llama4Output:
-    """Logits and hidden states; with `pixel_values` [n_tiles, 3, S, S] (any float dtype, cast to the policy
-    dtype) the `<|patch|>` embeddings are replaced by the projected image features, in order over
-    (batch, sequence). The token/feature count check needs concrete `input_ids`; under `jit` call
-    `check_image_tokens` on the host first (a mismatch there would silently reuse feature rows)."""
-    if pixel_values is None:
-      out = self.text.forward(input_ids, attention_mask, position_ids, segment_ids)
-      return Llama4Output(out.logits, out.hidden, out.router_logits, None)
+  def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, pixel_values=None,
+              cache: cache_lib.KVCache | None = None, prefill: bool = False, last_only: bool = False
+              ) -> Llama4Output:
+    """Logits and hidden states (and, with a `cache`, the updated cache: `TextModel.forward`); with
+    `pixel_values` [n_tiles, 3, S, S] (any float dtype, cast to the policy dtype) the `<|patch|>` embeddings
+    are replaced by the projected image features, in order over (batch, sequence). The token/feature count
+    check needs concrete `input_ids`; under `jit` call `check_image_tokens` on the host first (a mismatch
+    there would silently reuse feature rows)."""
     embeds, feats = self.embed(input_ids, pixel_values)
-    out = self.text.forward(input_ids, attention_mask, position_ids, segment_ids, inputs_embeds=embeds)
-    return Llama4Output(out.logits, out.hidden, out.router_logits, feats)
+    out = self.text.forward(input_ids, attention_mask, position_ids, segment_ids, inputs_embeds=embeds,
+                            cache=cache, prefill=prefill, last_only=last_only)
+    return Llama4Output(out.logits, out.hidden, out.router_logits, out.cache, feats)
 
   def embed(self, input_ids, pixel_values=None) -> tuple[jax.Array, jax.Array | None]:
     """Input embeddings [B, T, D] with the image features merged in (early fusion), and the adapter features
-    (None without `pixel_values`). `forward` uses it; a cached prefill (`cache.forward(..., inputs_embeds=)`)
-    can too."""
+    (None without `pixel_values`)."""
     embeds = self.text.embed_tokens(input_ids)
     if pixel_values is None:
       return embeds, None
@@ -94,16 +95,22 @@ class Llama4(nnx.Module):
     feats, projected = self.image_features(pixel_values)
     return merge_image_features(embeds, jnp.asarray(input_ids), projected, self.cfg.image_token_index), feats
 
+  def init_cache(self, batch: int, max_len: int, dtype) -> cache_lib.KVCache:
+    """An empty KV cache of the text decoder for `batch` rows of at most `max_len` tokens."""
+    return self.text.init_cache(batch, max_len, dtype)
+
   def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
                pixel_values=None) -> jax.Array:
     """Logits [B, T, vocab] float32."""
     return self.forward(input_ids, attention_mask, position_ids, segment_ids, pixel_values).logits
 
 
-def init(cfg: Llama4Config, policy: Policy, seed: int = 0) -> Llama4:
-  """Random init under jit (one compiled program instead of op-by-op)."""
+def init(cfg: Llama4Config, policy: Policy, seed: int = 0, shardings=None) -> Llama4:
+  """A randomly initialised model, made by one jitted program (not op by op). `shardings`: a state of
+  shardings with the model's structure (`sharding.param_shardings(abstract(cfg, policy), rules, mesh)`):
+  every parameter is then materialised directly in its sharding, no full copy on any device."""
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=shardings)
   def make(key):
     return nnx.split(Llama4(cfg, policy, nnx.Rngs(params=key)))[1]
 

@@ -8,13 +8,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama4_jax import fp8
+from llama4_jax.model import fp8
 from llama4_jax.config import Policy
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 _PRECISION = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
               "highest": jax.lax.Precision.HIGHEST}
+
+
+def precision(policy: Policy) -> jax.lax.Precision:
+  """`policy.matmul_precision` as a `jax.lax.Precision`: every dot of the model (weights, attention scores,
+  grouped experts, vision) uses it."""
+  return _PRECISION[policy.matmul_precision]
 
 
 def normal(std: float) -> Init:
@@ -58,13 +64,13 @@ def einsum(eqn: str, x: jax.Array, w: jax.Array, policy: Policy, out_dtype=None,
   `x` is the activation, `w` the weight (an array, or an `fp8.Stored` FP8 weight with its scales).
   `quantize=False` keeps a matmul out of FP8 (the lm_head unless `policy.fp8_lm_head`)."""
   dt, out = dtype_of(policy), out_dtype or dtype_of(policy)
-  precision = _PRECISION[policy.matmul_precision]
+  prec = precision(policy)
   if isinstance(w, fp8.Stored):
-    return fp8.stored_einsum(eqn, x.astype(dt), w, out, precision).astype(out)
+    return fp8.stored_einsum(eqn, x.astype(dt), w, out, prec).astype(out)
   recipe = fp8.resolve(policy.fp8) if quantize else "off"
   if recipe != "off":
-    return fp8.RECIPES[recipe](eqn, x.astype(dt), w.astype(dt), out, precision).astype(out)
-  return jnp.einsum(eqn, x.astype(dt), w.astype(dt), precision=precision, preferred_element_type=out).astype(out)
+    return fp8.RECIPES[recipe](eqn, x.astype(dt), w.astype(dt), out, prec).astype(out)
+  return jnp.einsum(eqn, x.astype(dt), w.astype(dt), precision=prec, preferred_element_type=out).astype(out)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float, out_dtype=None) -> jax.Array:

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama4_jax import rope
 from llama4_jax.config import Policy, VisionConfig
-from llama4_jax.layers import einsum, normal, ones, param, zeros
+from llama4_jax.model import rope
+from llama4_jax.model.layers import einsum, normal, ones, param, precision, zeros
 
 # --------------------------------------------------------------------------------------------------
 # Pure functions
@@ -178,8 +178,7 @@ class VisionAttention(nnx.Module):
     k = einsum("ntD,DHd->ntHd", x, self.k[...], p) + self.k_bias[...].astype(p.dtype)
     v = einsum("ntD,DHd->ntHd", x, self.v[...], p) + self.v_bias[...].astype(p.dtype)
     q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-    precision = jax.lax.Precision.HIGHEST if p.matmul_precision == "highest" else None
-    out = bidirectional_attention(q, k, v, precision)
+    out = bidirectional_attention(q, k, v, precision(p))
     return einsum("ntHd,HdD->ntD", out, self.o[...], p) + self.o_bias[...].astype(p.dtype)
 
 

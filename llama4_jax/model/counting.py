@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from llama4_jax.config import FP32, Llama4Config, Policy
+from llama4_jax.model.llama4 import abstract
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +20,6 @@ class ParamCount:
 
 
 def count_params(cfg: Llama4Config, policy: Policy = FP32) -> ParamCount:
-  from llama4_jax.llama4 import abstract
   text = vision = inactive = 0
   k, E = cfg.text.num_experts_per_tok, cfg.text.num_local_experts
   for path, var in nnx.to_flat_state(nnx.state(abstract(cfg, policy), nnx.Param)):

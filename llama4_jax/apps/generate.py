@@ -1,4 +1,5 @@
-"""Autoregressive generation: prefill + compiled one-token decode steps over a KV cache (cache.py).
+"""Autoregressive generation, the one sampler of the project: prefill + compiled one-token decode steps over
+the model's KV-cached forward (`Llama4.forward(..., cache=...)`, `model/cache.py`).
 
 Semantics follow transformers' `generate` (greedy or sampling, eager attention), token for token in float32:
   * a batch is left-padded (`attention_mask` 0 on padding); positions, chunk grid and temperature tuning
@@ -29,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama4_jax import cache as cache_lib
-from llama4_jax.llama4 import Llama4
-from llama4_jax.vision.model import merge_image_features
+from llama4_jax.data.prompt import build_inputs, encode_parts, prompt_parts
+from llama4_jax.model import cache as cache_lib
+from llama4_jax.model.llama4 import Llama4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +98,6 @@ class Decoding(NamedTuple):
   key: jax.Array  # PRNG key of the next draw
 
 
-def _text(model):
-  return model.text if isinstance(model, Llama4) else model
-
-
 def _pick(done, key, logits, sampling, stop_ids, pad_id):
   key, sub = jax.random.split(key)
   nxt = choose(logits[:, -1], sub, sampling)
@@ -113,17 +110,12 @@ def _pick(done, key, logits, sampling, stop_ids, pad_id):
 def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, key, *, sampling, stop_ids, pad_id,
              max_len, cache_dtype):
   model = nnx.merge(graphdef, state)
-  text = _text(model)
-  embeds = None
-  if pixel_values is not None:
-    _, projected = model.image_features(pixel_values)
-    embeds = merge_image_features(text.embed_tokens(input_ids), input_ids, projected, model.cfg.image_token_index)
-  cache = cache_lib.init(text.cfg, input_ids.shape[0], max_len, cache_dtype)
-  logits, cache = cache_lib.forward(text, input_ids, cache, attention_mask, inputs_embeds=embeds, prefill=True,
-                                    last_only=True)
+  cache = model.init_cache(input_ids.shape[0], max_len, cache_dtype)
+  out = model.forward(input_ids, attention_mask, pixel_values=pixel_values, cache=cache, prefill=True,
+                      last_only=True)
   done = jnp.zeros(input_ids.shape[:1], bool)
-  nxt, done, key = _pick(done, key, logits, sampling, stop_ids, pad_id)
-  return Decoding(cache, nxt, done, key)
+  nxt, done, key = _pick(done, key, out.logits, sampling, stop_ids, pad_id)
+  return Decoding(out.cache, nxt, done, key)
 
 
 @functools.lru_cache(maxsize=16)
@@ -132,10 +124,9 @@ def _decoder(graphdef, sampling, stop_ids, pad_id):
   hashed once per `stream`, not at every step (an NNX graphdef's hash costs ~0.5 ms)."""
 
   def step(state, cache, tokens, done, key):
-    text = _text(nnx.merge(graphdef, state))
-    logits, cache = cache_lib.forward(text, tokens[:, None], cache, last_only=True)
-    nxt, done, key = _pick(done, key, logits, sampling, stop_ids, pad_id)
-    return Decoding(cache, nxt, done, key)
+    out = nnx.merge(graphdef, state).forward(tokens[:, None], cache=cache, last_only=True)
+    nxt, done, key = _pick(done, key, out.logits, sampling, stop_ids, pad_id)
+    return Decoding(out.cache, nxt, done, key)
 
   return jax.jit(step, donate_argnums=(1,))
 
@@ -149,7 +140,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _defaults(model, stop_ids, pad_id) -> tuple[tuple[int, ...], int]:
-  cfg = _text(model).cfg
+  if not isinstance(model, Llama4):
+    raise TypeError(f"generation takes a Llama4 model (llama4_jax.load / init), got {type(model).__name__}")
+  cfg = model.cfg.text
   stops = tuple(cfg.eos_token_id) if stop_ids is None else tuple(int(t) for t in stop_ids)
   pad = (cfg.pad_token_id if cfg.pad_token_id is not None else 0) if pad_id is None else int(pad_id)
   return stops, pad
@@ -157,10 +150,10 @@ def _defaults(model, stop_ids, pad_id) -> tuple[tuple[int, ...], int]:
 
 def stream(model, input_ids, attention_mask=None, *, pixel_values=None, max_new_tokens: int = 64,
            sampling: Sampling = GREEDY, stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
-           seed: int = 0, cache_dtype=None, cache_multiple: int = 64) -> Iterator[np.ndarray]:
+           seed: int | jax.Array = 0, cache_dtype=None, cache_multiple: int = 64) -> Iterator[np.ndarray]:
   """Yields the [B] int32 tokens of each step (at most `max_new_tokens` steps).
 
-  `model`: a `Llama4` (needed for `pixel_values`) or a `TextModel`. `input_ids` [B, T] left-padded,
+  `model`: a `Llama4`. `seed`: an int or a PRNG key. `input_ids` [B, T] left-padded,
   `attention_mask` [B, T] (None: no padding). `stop_ids` default to the config's eos ids (the instruct set
   200001/200007/200008 for the release), `pad_id` to its pad id. The cache holds T + max_new_tokens tokens
   rounded up to `cache_multiple` (fewer recompilations; unused slots are masked) in `cache_dtype` (default:
@@ -173,17 +166,14 @@ def stream(model, input_ids, attention_mask=None, *, pixel_values=None, max_new_
     raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
   mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   if pixel_values is not None:
-    if not isinstance(model, Llama4):
-      raise ValueError("pixel_values need the whole Llama4 model (vision tower and projector), not a TextModel")
     model.check_image_tokens(np.asarray(input_ids), pixel_values)
     pixel_values = jnp.asarray(pixel_values)
-  text = _text(model)
   max_len = _round_up(input_ids.shape[1] + max_new_tokens, cache_multiple)
   graphdef, state = nnx.split(model)
   kw = dict(graphdef=graphdef, sampling=sampling, stop_ids=stops, pad_id=pad)
   d = _prefill(state=state, input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
-               key=jax.random.key(seed), max_len=max_len,
-               cache_dtype=jnp.dtype(cache_dtype or text.policy.dtype).name, **kw)
+               key=jax.random.key(seed) if isinstance(seed, int) else seed, max_len=max_len,
+               cache_dtype=jnp.dtype(cache_dtype or model.policy.dtype).name, **kw)
   decode = _decoder(graphdef, sampling, stops, pad)
   for step in range(max_new_tokens):
     last = step + 1 == max_new_tokens
@@ -250,14 +240,13 @@ def generate_text(model, tokenizer, prompts, images=None, *, chat: bool = True, 
   `chat`: wrap each prompt in the chat format with the assistant header (else: bos + the raw text).
   `on_text(row, piece)` streams the decoded text of each row as it grows. Stops at the tokenizer's eos ids
   (the instruct set for Llama 4). Returns the texts, or with `details` (texts, `Generation`)."""
-  from llama4_jax.prompt import build_inputs, encode_parts, prompt_parts
 
   if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
     prompts = [prompts]
-  cfg = model.cfg if isinstance(model, Llama4) else None
+  cfg = model.cfg
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   if images:
-    if cfg is None or cfg.vision is None:
+    if cfg.vision is None:
       raise ValueError("image prompts need a multimodal Llama4 model")
     inputs = build_inputs(tokenizer, prompts, images, cfg.vision, chat=chat, pad_id=pad)
     ids, mask, pixels = inputs.input_ids, inputs.attention_mask, inputs.pixel_values

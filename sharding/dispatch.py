@@ -16,9 +16,9 @@ Per device (`_dispatch_padded`), in order:
      destination's block of C rows in a send buffer [n*C, D] (plus the local ids and scores).
   3. `all_to_all` over the expert axis: block d goes to device d; the receive buffer [n*C, D] holds
      every source's block for this device's experts.
-  4. The local experts run on the received rows with the sparse grouped path (`moe.sorted_experts` on
-     the local weight slice). Empty slots carry the id El ("no expert"): `sorted_experts` leaves them out
-     of its groups (bincount drops them) so they cost no matmul work; their outputs are masked to zero.
+  4. The model's local experts function (`LocalExperts`: the sparse grouped path on the local weight
+     slice) runs on the received rows. Empty slots carry the id El ("no expert"), which it leaves out of
+     its groups at no matmul cost; their outputs are masked to zero.
   5. A second `all_to_all` returns the outputs to their sources, in the same slots; each assignment
      reads its row back and the k assignments of a token are summed.
   6. With the expert width split over the tensor axis, the partial sums are `psum`-ed over it
@@ -38,19 +38,29 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from llama4_jax import fp8
-from llama4_jax import moe as moe_lib
-from llama4_jax.config import Policy
-from sharding.rules import AxisCollision, ExpertParallel, Rules
+from sharding.rules import AxisCollision, ExpertDispatch, Rules
 
 # The collective of mode "ragged" (a module attribute so that tests can substitute a CPU emulation).
 ragged_all_to_all = jax.lax.ragged_all_to_all
+
+
+class LocalExperts(Protocol):
+  """The routed-expert computation on one device's rows, supplied by the model.
+
+  `local_fn(x [R, D], idx [R, k], scores [R, k], weights, expected_rows) -> [R, D]`: `weights` is any pytree of
+  arrays whose leaves all carry the experts on axis 0 (E, or E/n inside the dispatch, for the local slice);
+  an id equal to that local count means "no expert" and must give zeros at no matmul cost. `expected_rows`
+  is the number of assignments the rows hold under balanced routing (the dispatch's receive buffer is n times
+  larger): the model sizes its token blocks from it."""
+
+  def __call__(self, x: jax.Array, idx: jax.Array, scores: jax.Array, weights, expected_rows: int) -> jax.Array:
+    ...
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -61,19 +71,30 @@ def _spec_entry(axes: tuple[str, ...]):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def routed_experts(rules: Rules, mesh: jax.sharding.Mesh, experts_fn: Callable, x: jax.Array, idx: jax.Array,
-                   scores: jax.Array, gate_up: jax.Array, down: jax.Array, policy: Policy) -> jax.Array:
+def routed_experts(rules: Rules, mesh: jax.sharding.Mesh, local_fn: LocalExperts, x: jax.Array, idx: jax.Array,
+                   scores: jax.Array, weights, names: Sequence[tuple[str, ...]],
+                   on_drop: Callable[[float], None] | None = None) -> jax.Array:
   """Routed-expert output [N, D] of tokens x [N, D] with expert ids / scores [N, k] (global arrays),
-  computed inside `shard_map` as described in the module docstring."""
-  ep = rules.moe or ExpertParallel()
+  computed inside `shard_map` as described in the module docstring. `names`: the logical axis names of
+  every leaf of `weights` (in `jax.tree.leaves` order); "experts" and "expert_mlp" are the axes the
+  dispatch keeps split, every other axis is gathered."""
+  ep = rules.dispatch or ExpertDispatch()
   sizes = dict(mesh.shape)
-  gu_spec, _ = rules.resolve(("experts", "embed", "gate_up", "expert_mlp"), gate_up.shape, sizes,
-                             what="routed experts gate_up")
-  e_axes, f_axes = _axes(gu_spec[0]), _axes(gu_spec[3])
+  leaves, treedef = jax.tree.flatten(weights)
+  if len(leaves) != len(names):
+    raise ValueError(f"routed experts: {len(leaves)} weight arrays but {len(names)} name tuples")
+  e_axes, f_axes = (), ()
+  for w, n in zip(leaves, names):
+    spec, _ = rules.resolve(n, w.shape, sizes, what=f"routed experts weight {n}")
+    if n[0] != "experts":
+      raise ValueError(f"routed experts weight {n}: the experts must be axis 0")
+    e_axes = _axes(spec[0])
+    if "expert_mlp" in n:
+      f_axes = _axes(spec[n.index("expert_mlp")])
   if len(e_axes) > 1:
     raise NotImplementedError(f"rules {rules.name!r}: experts over several mesh axes {e_axes}; use one")
   e_axis = e_axes[0] if e_axes and sizes[e_axes[0]] > 1 else None
-  n = sizes[e_axis] if e_axis else 1
+  n_dev = sizes[e_axis] if e_axis else 1
 
   tok_names = rules.axes("act_tokens") or rules.axes("act_batch") + rules.axes("act_seq")
   tok_axes = tuple(a for a in tok_names if sizes[a] > 1)
@@ -94,38 +115,39 @@ def routed_experts(rules: Rules, mesh: jax.sharding.Mesh, experts_fn: Callable, 
 
   tok = _spec_entry(tok_axes)
   w_e, w_f = _spec_entry((e_axis,) if e_axis else ()), _spec_entry(f_axes)
-  body = functools.partial(_local, experts_fn=experts_fn, policy=policy, ep=ep, e_axis=e_axis, n=n,
-                           f_axes=f_axes, tok_axes=tok_axes)
-  gu_w, down_w = P(w_e, None, None, w_f), P(w_e, w_f, None)
-  if isinstance(gate_up, fp8.Stored):  # scales: per output channel, [E, 2, I] and [E, D]
-    gu_w, down_w = fp8.Stored(gu_w, P(w_e, None, w_f)), fp8.Stored(down_w, P(w_e, None))
+  w_specs = jax.tree.unflatten(treedef, [P(*(w_e if a == "experts" else w_f if a == "expert_mlp" else None
+                                              for a in n)) for n in names])
+  body = functools.partial(_local, local_fn=local_fn, ep=ep, e_axis=e_axis, n=n_dev, f_axes=f_axes,
+                           tok_axes=tok_axes)
   y, dropped = jax.shard_map(
       body, mesh=mesh,
-      in_specs=(P(tok, None), P(tok, None), P(tok, None), P(tok), gu_w, down_w),
+      in_specs=(P(tok, None), P(tok, None), P(tok, None), P(tok), w_specs),
       out_specs=(P(tok, None), P()), check_vma=True,
-  )(x, idx, scores, valid, gate_up, down)
-  if ep.mode == "capacity" and ep.on_drop is not None:
-    jax.debug.callback(ep.on_drop, dropped)
+  )(x, idx, scores, valid, weights)
+  if ep.mode == "capacity" and on_drop is not None:
+    jax.debug.callback(on_drop, dropped)
   return y[:N] if pad else y
 
 
-def _local(x, idx, scores, valid, gate_up, down, *, experts_fn, policy, ep, e_axis, n, f_axes, tok_axes):
+def _local(x, idx, scores, valid, weights, *, local_fn, ep, e_axis, n, f_axes, tok_axes):
   """One device's share (inside shard_map). Returns (routed output [N, D], global dropped fraction)."""
-  A, El = idx.size, gate_up.shape[0]
+  A, El = idx.size, jax.tree.leaves(weights)[0].shape[0]
   live = jnp.repeat(valid, idx.shape[1])
   axes = tuple(dict.fromkeys(tok_axes + ((e_axis,) if e_axis else ()) + f_axes))
-  x, scores, gate_up, down = jax.tree.map(lambda a: _varying(a, axes), (x, scores, gate_up, down))
+  x, scores, weights = jax.tree.map(lambda a: _varying(a, axes), (x, scores, weights))
   if n == 1:
-    y = experts_fn(x, jnp.where(valid[:, None], idx, El), scores, gate_up, down, policy)
+    y = local_fn(x, jnp.where(valid[:, None], idx, El), scores, weights, A)
     dropped = jnp.zeros((), jnp.int32)
   else:
-    local = _local_experts(experts_fn, policy, A, El)
+    def local(rows, ids, sc):  # the receive buffer is n times the expected load: block size from A
+      return local_fn(rows, ids, sc, weights, A)
+
     if ep.mode == "ragged":
-      y = _dispatch_ragged(x, idx, scores, live, gate_up, down, local, e_axis, n, axes)
+      y = _dispatch_ragged(x, idx, scores, live, El, local, e_axis, n, axes)
       dropped = jnp.zeros((), jnp.int32)
     else:
       cap = A if ep.mode == "dropless" else max(1, math.ceil(ep.capacity_factor * A / n))
-      y, dropped = _dispatch_padded(x, idx, scores, live, gate_up, down, local, e_axis, n, cap)
+      y, dropped = _dispatch_padded(x, idx, scores, live, El, local, e_axis, n, cap)
   if f_axes:  # partial sums over the expert width: reduce in float32
     y = jax.lax.psum(y.astype(jnp.float32), f_axes).astype(x.dtype)
   total = jnp.sum(live, dtype=jnp.int32)
@@ -145,15 +167,6 @@ def _varying(a: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   return jax.lax.pcast(a, missing, to="varying") if missing else a
 
 
-def _local_experts(experts_fn, policy: Policy, expected_rows: int, El: int) -> Callable:
-  """The grouped computation on received rows. The receive buffer is n times the expected load, so the
-  token block of `sorted_experts` is chosen from the expected load (A rows over El experts)."""
-  if experts_fn is moe_lib.sorted_experts:
-    return functools.partial(moe_lib.sorted_experts, policy=policy,
-                             block=moe_lib.block_size(expected_rows, El, policy.moe_block))
-  return functools.partial(experts_fn, policy=policy)
-
-
 def _destinations(idx, live, El, n):
   """Per assignment: destination device (n for dead ones), local expert id, and the stable sort order
   and row counts by destination."""
@@ -165,10 +178,10 @@ def _destinations(idx, live, El, n):
   return dest, local_id, order, counts
 
 
-def _dispatch_padded(x, idx, scores, live, gate_up, down, local, e_axis, n, cap):
+def _dispatch_padded(x, idx, scores, live, El, local, e_axis, n, cap):
   """Steps 1-5 with fixed-size blocks of `cap` rows per destination (`all_to_all`)."""
   N, D = x.shape
-  k, El = idx.shape[1], gate_up.shape[0]
+  k = idx.shape[1]
   A = N * k
   dest, local_id, order, counts = _destinations(idx, live, El, n)
   starts = jnp.cumsum(counts) - counts
@@ -184,7 +197,7 @@ def _dispatch_padded(x, idx, scores, live, gate_up, down, local, e_axis, n, cap)
   a2a = functools.partial(jax.lax.all_to_all, axis_name=e_axis, split_axis=0, concat_axis=0, tiled=True)
   recv_x, recv_e, recv_s = a2a(send_x), a2a(send_e), a2a(send_s)
 
-  y_recv = local(recv_x, recv_e[:, None], recv_s[:, None], gate_up, down)
+  y_recv = local(recv_x, recv_e[:, None], recv_s[:, None])
   y_recv = jnp.where((recv_e < El)[:, None], y_recv, 0)
   y_back = a2a(y_recv)
   y = jnp.where(keep[:, None], y_back[jnp.minimum(slot, n * cap - 1)], 0)
@@ -192,12 +205,12 @@ def _dispatch_padded(x, idx, scores, live, gate_up, down, local, e_axis, n, cap)
   return y.reshape(N, k, D).sum(axis=1).astype(x.dtype), dropped
 
 
-def _dispatch_ragged(x, idx, scores, live, gate_up, down, local, e_axis, n, axes):
+def _dispatch_ragged(x, idx, scores, live, El, local, e_axis, n, axes):
   """Steps 1-5 with `ragged_all_to_all`: only real rows travel. The receive buffer keeps the dropless
   worst case (n*A rows). Offsets: source s's rows for device d land at sum_{s' < s} count[s', d] in d's
   buffer, so every receive buffer is contiguous, in source order."""
   N, D = x.shape
-  k, El = idx.shape[1], gate_up.shape[0]
+  k = idx.shape[1]
   A = N * k
   dest, local_id, order, counts = _destinations(idx, live, El, n)
   in_off = jnp.cumsum(counts) - counts  # where each destination's rows start in my sorted operand
@@ -220,7 +233,7 @@ def _dispatch_ragged(x, idx, scores, live, gate_up, down, local, e_axis, n, axes
   recv_e = send(_varying(op_e, axes), _varying(jnp.full((rows,), El, jnp.int32), axes))
   recv_s = send(op_s, _varying(jnp.zeros((rows,), scores.dtype), axes))
 
-  y_recv = local(recv_x, recv_e[:, None], recv_s[:, None], gate_up, down)
+  y_recv = local(recv_x, recv_e[:, None], recv_s[:, None])
   y_recv = jnp.where((recv_e < El)[:, None], y_recv, 0)
   y_sorted = ragged_all_to_all(y_recv, _varying(jnp.zeros((A, D), y_recv.dtype), axes), recv_off, recv_sizes,
                                back_off, counts, axis_name=e_axis)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from llama4_jax.data.tokenizers import Tokenizer
-from llama4_jax.vision.preprocess import ImageProcessing, preprocess_images
+from llama4_jax.data.images import ImageProcessing, preprocess_images
 
 IMAGE_PLACEHOLDER = "<|image|>"  # what prompts write where an image goes
 BEGIN_OF_TEXT = "<|begin_of_text|>"

@@ -1,33 +1,34 @@
 """Llama 4 text decoder as thin Flax NNX modules over the pure functions of attention/moe/rope/layers.
 
-Letters: B batch, T length, D hidden, H query heads, K kv heads, d head_dim, F mlp width,
-E experts, I expert width, V vocab, N = B*T tokens.
+Letters (as in docs/DESIGN.md): B batch, T length, D hidden, H query heads, K kv heads, d head_dim,
+F mlp width, E experts, I expert width, V vocab, N = B*T tokens.
 
 Layers repeat with period p = `TextConfig.layer_period` (4 for Scout and Maverick: three RoPE/chunked
 layers then one NoPE/global layer; MoE every layer or every other). A `Block` holds p layers; the model
 holds L/p blocks stacked on a leading "layers" axis and runs them with `jax.lax.scan`, so compile time
 does not grow with depth.
+
+One forward serves training, evaluation, prefill and decoding: `TextModel.forward` without a cache runs a
+whole sequence; with a `cache.KVCache` the tokens continue the cached ones (`prefill`: the cache is empty)
+and the updated cache comes back in `Output.cache`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from llama4_jax import attention as attn_lib
-from llama4_jax import cache as cache_lib
-from llama4_jax import fp8
-from llama4_jax import moe as moe_lib
-from llama4_jax import rope
 from llama4_jax.config import Policy, TextConfig
-from llama4_jax.layers import einsum, fp8_param, normal, ones, param, rms_norm, swiglu
-from llama4_jax.moe import DOWN_CONTRACTED, GATE_UP_CONTRACTED
-from sharding import constrain, routed_experts
+from llama4_jax.model import attention as attn_lib
+from llama4_jax.model import cache as cache_lib
+from llama4_jax.model import fp8, rope
+from llama4_jax.model import moe as moe_lib
+from llama4_jax.model.layers import einsum, fp8_param, normal, ones, param, precision, rms_norm, swiglu
+from sharding import constrain
 
 
 class Context(NamedTuple):
@@ -73,26 +74,26 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, ctx: Context, kv: cache_lib.LayerKV | None = None):
     """Output [B, T, D]; with this layer's cache `kv` (a cached forward) also the updated cache."""
     p = self.policy
-    q = constrain(einsum("btd,dhk->bthk", x, self.q[...], p), ("act_batch", "act_seq", "act_heads", None))
-    k = constrain(einsum("btd,dhk->bthk", x, self.k[...], p), ("act_batch", "act_seq", "act_kv_heads", None))
-    v = constrain(einsum("btd,dhk->bthk", x, self.v[...], p), ("act_batch", "act_seq", "act_kv_heads", None))
+    q = constrain(einsum("BTD,DHd->BTHd", x, self.q[...], p), ("act_batch", "act_seq", "act_heads", None))
+    k = constrain(einsum("BTD,DKd->BTKd", x, self.k[...], p), ("act_batch", "act_seq", "act_kv_heads", None))
+    v = constrain(einsum("BTD,DKd->BTKd", x, self.v[...], p), ("act_batch", "act_seq", "act_kv_heads", None))
     if self.use_rope:
       q, k = rope.apply(q, ctx.cos, ctx.sin), rope.apply(k, ctx.cos, ctx.sin)
     if self.qk_norm:
       q, k = rms_norm(q, None, self.eps), rms_norm(k, None, self.eps)
     if self.temperature:
       q = (q.astype(jnp.float32) * ctx.temp[:, :, None, None]).astype(q.dtype)
-    precision = jax.lax.Precision.HIGHEST if p.matmul_precision == "highest" else None
+    prec = precision(p)
     T = x.shape[1]
     if kv is not None and not ctx.step.prefill:
-      out, kv = cache_lib.attend(q, k, v, kv, ctx.q_info, ctx.step, self.chunk, precision)
+      out, kv = cache_lib.attend(q, k, v, kv, ctx.q_info, ctx.step, self.chunk, prec)
     elif self.chunk is not None and p.attention_impl == "xla" and T > 2 * self.chunk and ctx.q_info is ctx.k_info:
-      out = attn_lib.chunk_local_attention(q, k, v, ctx.q_info, self.chunk, precision)
+      out = attn_lib.chunk_local_attention(q, k, v, ctx.q_info, self.chunk, prec)
     else:
-      out = attn_lib.attention(q, k, v, ctx.q_info, ctx.k_info, self.chunk, precision)
+      out = attn_lib.attention(q, k, v, ctx.q_info, ctx.k_info, self.chunk, prec)
     if kv is not None and ctx.step.prefill:
       kv = cache_lib.store(kv, k, v, ctx.step, ring=self.chunk is not None)
-    out = einsum("bthk,hkd->btd", out, self.o[...], p)
+    out = einsum("BTHd,HdD->BTD", out, self.o[...], p)
     return out if kv is None else (out, kv)
 
 
@@ -108,8 +109,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.policy
-    h = swiglu(einsum("...d,df->...f", x, self.gate[...], p), einsum("...d,df->...f", x, self.up[...], p))
-    return einsum("...f,fd->...d", h, self.down[...], p)
+    h = swiglu(einsum("...D,DF->...F", x, self.gate[...], p), einsum("...D,DF->...F", x, self.up[...], p))
+    return einsum("...F,FD->...D", h, self.down[...], p)
 
 
 class SelectionBias(nnx.Variable):
@@ -128,12 +129,12 @@ class MoE(nnx.Module):
     D, E, I = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
     init, dt = normal(cfg.initializer_range), policy.param_dtype
     self.router = param(rngs, init, (D, E), ("embed", "router"), dt)
-    self.gate_up = param(rngs, init, (E, D, 2, I), ("experts", "embed", "gate_up", "expert_mlp"), dt)
-    self.down = param(rngs, init, (E, I, D), ("experts", "expert_mlp", "embed"), dt)
+    self.gate_up = param(rngs, init, (E, D, 2, I), moe_lib.GATE_UP_NAMES, dt)
+    self.down = param(rngs, init, (E, I, D), moe_lib.DOWN_NAMES, dt)
     self.gate_up_scale = self.down_scale = nnx.data(None)
     if policy.expert_fp8:  # FP8 values in place, one float32 scale per output channel beside them
-      self.gate_up, self.gate_up_scale = fp8_param(self.gate_up, GATE_UP_CONTRACTED)
-      self.down, self.down_scale = fp8_param(self.down, DOWN_CONTRACTED)
+      self.gate_up, self.gate_up_scale = fp8_param(self.gate_up, moe_lib.GATE_UP_CONTRACTED)
+      self.down, self.down_scale = fp8_param(self.down, moe_lib.DOWN_CONTRACTED)
     self.shared = MLP(D, I, cfg.initializer_range, policy, rngs)
     self.top_k = cfg.num_experts_per_tok
     self.policy = policy
@@ -152,11 +153,10 @@ class MoE(nnx.Module):
       bias = None if self.selection_bias is None else self.selection_bias[...]
       idx, scores, logits = moe_lib.route(xt, self.router[...], self.top_k, self.policy, bias)
     with jax.named_scope("experts"):
-      experts = moe_lib.EXPERT_IMPLS[self.policy.moe_impl]
       gate_up, down = self.gate_up[...], self.down[...]
       if self.gate_up_scale is not None:
         gate_up, down = fp8.Stored(gate_up, self.gate_up_scale[...]), fp8.Stored(down, self.down_scale[...])
-      routed = routed_experts(experts, xt, idx, scores, gate_up, down, self.policy)
+      routed = moe_lib.routed(xt, idx, scores, gate_up, down, self.policy)
     with jax.named_scope("shared_expert"):
       shared = self.shared(xt)
     return (shared + routed).reshape(B, T, D), logits
@@ -221,14 +221,17 @@ _REMAT = {
 @dataclasses.dataclass
 class Output:
   """Forward results: logits [B, T, V] float32, final hidden [B, T, D], router logits of every MoE layer
-  in layer order [L_moe, N, E] float32 (None if the model has no MoE layer)."""
+  in layer order [L_moe, N, E] float32 (None if the model has no MoE layer), and the updated KV cache of a
+  cached forward (else None)."""
 
   logits: jax.Array
   hidden: jax.Array
   router_logits: jax.Array | None
+  cache: cache_lib.KVCache | None = None
 
 
-jax.tree_util.register_dataclass(Output, data_fields=["logits", "hidden", "router_logits"], meta_fields=[])
+jax.tree_util.register_dataclass(Output, data_fields=["logits", "hidden", "router_logits", "cache"],
+                                 meta_fields=[])
 
 
 class TextModel(nnx.Module):
@@ -286,9 +289,8 @@ class TextModel(nnx.Module):
     return Context(cos, sin, temp, info, info, step)
 
   def run_layers(self, h: jax.Array, ctx: Context, kv=None):
-    """(h, router logits [L_moe, N, E] or None). With `kv` (`KVCache.kv`: per layer of a block, (k, v)
-    stacked over blocks) and a cached `ctx`, the blocks are scanned with their caches and the updated
-    `kv` comes back as a third output."""
+    """(h, router logits [L_moe, N, E] or None, updated kv or None). With `kv` (`KVCache.kv`: per layer of a
+    block, (k, v) stacked over blocks) and a cached `ctx`, the blocks are scanned with their caches."""
     graphdef, state = nnx.split(self.blocks)
     if kv is not None:
       def cached(h, xs):
@@ -296,37 +298,49 @@ class TextModel(nnx.Module):
         return h, (rl, block_kv)
 
       h, (rl, kv) = jax.lax.scan(cached, h, (state, kv))
-      return h, (None if rl is None else rl.reshape(-1, *rl.shape[2:])), kv
-
-    def body(h, block_state):
-      return nnx.merge(graphdef, block_state)(h, ctx)
-
-    if self.policy.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT[self.policy.remat], prevent_cse=not self.policy.scan_layers)
-    if self.policy.scan_layers:
-      h, rl = jax.lax.scan(body, h, state)
     else:
-      outs = []
-      n = jax.tree.leaves(state)[0].shape[0]
-      for i in range(n):
-        h, r = body(h, jax.tree.map(lambda a: a[i], state))
-        outs.append(r)
-      rl = None if outs[0] is None else jnp.stack(outs)
+      def body(h, block_state):
+        return nnx.merge(graphdef, block_state)(h, ctx)
+
+      if self.policy.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[self.policy.remat], prevent_cse=not self.policy.scan_layers)
+      if self.policy.scan_layers:
+        h, rl = jax.lax.scan(body, h, state)
+      else:
+        outs = []
+        n = jax.tree.leaves(state)[0].shape[0]
+        for i in range(n):
+          h, r = body(h, jax.tree.map(lambda a: a[i], state))
+          outs.append(r)
+        rl = None if outs[0] is None else jnp.stack(outs)
     if rl is not None:  # [n_blocks, moe_per_block, N, E] -> [L_moe, N, E] in layer order
       rl = rl.reshape(-1, *rl.shape[2:])
-    return h, rl
+    return h, rl, kv
 
-  def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-              inputs_embeds=None) -> Output:
-    ctx = self.context(input_ids, attention_mask, position_ids, segment_ids)
+  def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, inputs_embeds=None,
+              cache: cache_lib.KVCache | None = None, prefill: bool = False, last_only: bool = False) -> Output:
+    """Logits of `input_ids` [B, T] (or of their `inputs_embeds` [B, T, D], e.g. with image features merged).
+
+    With a `cache` (`init_cache`) the tokens continue the cached ones and `Output.cache` is the updated
+    cache; `prefill` requires an empty cache. The cache must have room: index + T <= max_len (checked by the
+    caller; a global write past the end would be clamped by XLA). `last_only`: logits and hidden state of
+    the last position only ([B, 1, ...]), as a decoder needs."""
+    ctx = self.context(input_ids, attention_mask, position_ids, segment_ids, cache, prefill)
     h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-    h, rl = self.run_layers(h, ctx)
+    h, rl, kv = self.run_layers(h, ctx, None if cache is None else cache.kv)
+    if last_only:
+      h = h[:, -1:]
     h = self.norm(h)
-    return Output(self.logits(h), h, rl)
+    new_cache = None if cache is None else cache_lib.finish(cache, kv, ctx.step, input_ids.shape[1])
+    return Output(self.logits(h), h, rl, new_cache)
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> cache_lib.KVCache:
+    """An empty KV cache for `batch` rows of at most `max_len` tokens."""
+    return cache_lib.init(self.cfg, batch, max_len, dtype)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final-norm hidden states [B, T, D] -> logits [B, T, V] float32 (the untied lm_head)."""
-    logits = einsum("btd,dv->btv", h, self.lm_head[...], self.policy, out_dtype=jnp.float32,
+    logits = einsum("BTD,DV->BTV", h, self.lm_head[...], self.policy, out_dtype=jnp.float32,
                     quantize=self.policy.fp8_lm_head)
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
@@ -334,7 +348,9 @@ class TextModel(nnx.Module):
     return self.forward(input_ids, attention_mask, position_ids, segment_ids).logits
 
 
-def param_count(model_or_state: Any) -> int:
-  """Number of parameters of a (possibly abstract) model or state."""
-  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+def enable_selection_bias(model: nnx.Module) -> None:
+  """Attaches a zero `SelectionBias` to every MoE layer of `model` (in place): the state of aux-loss-free
+  load balancing, for training or to load a checkpoint trained with it."""
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, MoE):
+      module.enable_selection_bias()

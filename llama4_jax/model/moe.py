@@ -1,6 +1,7 @@
 """Mixture-of-experts math: the sigmoid top-k router and sparse (dropless) expert computation.
 
-Letters: N tokens, D hidden, E experts, I expert width, A = N * k assignments, b token block.
+Letters: N tokens, D hidden, E experts, I expert width, c the gate/up pair (2), A = N * k assignments,
+b tokens of a block.
 
 Routing (reference 1.9), in order:
   1. logits = x @ router                         [N, E], in the activation dtype
@@ -24,11 +25,15 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from llama4_jax import fp8
+import sharding
 from llama4_jax.config import Policy
-from llama4_jax.layers import einsum, swiglu
+from llama4_jax.model import fp8
+from llama4_jax.model.layers import einsum, precision, swiglu
 
-GATE_UP_CONTRACTED, DOWN_CONTRACTED = (1,), (1,)  # the axis each expert weight [E, ...] sums over (D, I)
+# Logical axis names of the routed expert weights, and the axis each one sums over (D, I).
+GATE_UP_NAMES = ("experts", "embed", "gate_up", "expert_mlp")  # [E, D, 2, I]
+DOWN_NAMES = ("experts", "expert_mlp", "embed")  # [E, I, D]
+GATE_UP_CONTRACTED, DOWN_CONTRACTED = (1,), (1,)
 
 
 def route(x: jax.Array, router: jax.Array, k: int, policy: Policy, bias: jax.Array | None = None):
@@ -37,7 +42,7 @@ def route(x: jax.Array, router: jax.Array, k: int, policy: Policy, bias: jax.Arr
   `bias` [E] (aux-loss-free balancing, training only) shifts the logits for the top-k *selection*;
   the score of a selected expert stays sigmoid of its unbiased logit, and the logits returned are
   unbiased."""
-  logits = einsum("nd,de->ne", x, router, policy, quantize=False)  # the router stays in the compute dtype
+  logits = einsum("ND,DE->NE", x, router, policy, quantize=False)  # the router stays in the compute dtype
   if bias is None:
     top_logit, top_idx = jax.lax.top_k(logits, k)
   else:
@@ -49,8 +54,8 @@ def route(x: jax.Array, router: jax.Array, k: int, policy: Policy, bias: jax.Arr
 
 def _expert_ffn(u: jax.Array, gate_up: jax.Array, down: jax.Array, policy: Policy) -> jax.Array:
   """One expert (or a batch of experts, with a leading axis on everything) on tokens u [..., b, D]."""
-  h = einsum("...bd,...dci->...bci", u, gate_up, policy)
-  return einsum("...bi,...id->...bd", swiglu(h[..., 0, :], h[..., 1, :]), down, policy)
+  h = einsum("...bD,...DcI->...bcI", u, gate_up, policy)
+  return einsum("...bI,...ID->...bD", swiglu(h[..., 0, :], h[..., 1, :]), down, policy)
 
 
 def block_size(assignments: int, experts: int, max_block: int) -> int:
@@ -113,8 +118,9 @@ grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array, down: jax.Array,
-                   policy: Policy, block: int | None = None) -> jax.Array:
-  """Sparse dropless experts: group assignments by expert, run each group in blocks of `b` tokens.
+                   policy: Policy, expected_rows: int | None = None) -> jax.Array:
+  """Sparse dropless experts: group assignments by expert, run each group in blocks of `b` tokens (sized from
+  `expected_rows`, the assignments under balanced routing: default all of idx).
 
   1. Sort the A = N*k assignments by expert id (stable).
   2. Give each expert a run of slots padded up to a multiple of b; the total number of slots is at most
@@ -127,7 +133,7 @@ def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   E = gate_up.shape[0]
   k = idx.shape[1]
   A = N * k
-  b = block or block_size(A, E, policy.moe_block)
+  b = block_size(expected_rows or A, E, policy.moe_block)
   n_blocks = -(-(A + E * (b - 1)) // b)
   flat_e = idx.reshape(A)
   order = jnp.argsort(flat_e, stable=True)
@@ -153,7 +159,7 @@ def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
 
 
 def ragged_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array, down: jax.Array,
-                   policy: Policy) -> jax.Array:
+                   policy: Policy, expected_rows: int | None = None) -> jax.Array:
   """Same function through `jax.lax.ragged_dot` on the sorted assignments (grouped-matmul kernels on
   TPU; a dense per-group fallback on CPU)."""
   N, D = x.shape
@@ -168,16 +174,16 @@ def ragged_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   if isinstance(gate_up, fp8.Stored):  # stored FP8 experts: their scales, activations quantised per token
     gate_up, down = gate_up.dequantize(GATE_UP_CONTRACTED, dt), down.dequantize(DOWN_CONTRACTED, dt)
     act = lambda a: fp8.qdq_rows(a.astype(dt), (-1,), fp8.E4M3, fp8.ACTIVATION_UB)  # noqa: E731
-  precision = jax.lax.Precision.HIGHEST if policy.matmul_precision == "highest" else None
-  h = jax.lax.ragged_dot(act(u), gate_up.reshape(E, D, 2 * I).astype(dt), sizes, precision=precision)
+  prec = precision(policy)
+  h = jax.lax.ragged_dot(act(u), gate_up.reshape(E, D, 2 * I).astype(dt), sizes, precision=prec)
   h = h.reshape(N * k, 2, I)
-  y = jax.lax.ragged_dot(act(swiglu(h[:, 0], h[:, 1])), down.astype(dt), sizes, precision=precision)
+  y = jax.lax.ragged_dot(act(swiglu(h[:, 0], h[:, 1])), down.astype(dt), sizes, precision=prec)
   y = jnp.zeros_like(y).at[order].set(y)
   return y.reshape(N, k, D).sum(axis=1).astype(x.dtype)
 
 
 def dense_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array, down: jax.Array,
-                  policy: Policy) -> jax.Array:
+                  policy: Policy, expected_rows: int | None = None) -> jax.Array:
   """Test oracle: every expert on every token with a zero score where not selected (E times the work)."""
   E = gate_up.shape[0]
   s = jnp.zeros((x.shape[0], E), x.dtype)
@@ -187,3 +193,25 @@ def dense_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.
 
 
 EXPERT_IMPLS = {"sorted": sorted_experts, "ragged": ragged_experts, "dense": dense_experts}
+
+
+def _without(names: tuple[str, ...], axes: tuple[int, ...]) -> tuple[str, ...]:
+  return tuple(n for i, n in enumerate(names) if i not in axes)
+
+
+def weight_names(gate_up) -> list[tuple[str, ...]]:
+  """Logical names of the leaves of the routed weights `(gate_up, down)`, in `jax.tree.leaves` order (an
+  `fp8.Stored` pair adds its scales: the weight's names less the contracted axis)."""
+  if isinstance(gate_up, fp8.Stored):
+    return [GATE_UP_NAMES, _without(GATE_UP_NAMES, GATE_UP_CONTRACTED), DOWN_NAMES,
+            _without(DOWN_NAMES, DOWN_CONTRACTED)]
+  return [GATE_UP_NAMES, DOWN_NAMES]
+
+
+def routed(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up, down, policy: Policy) -> jax.Array:
+  """Routed-expert output [N, D] by `policy.moe_impl`, on one device or, inside a `sharding.use` block whose
+  rules split the experts, through the expert-parallel dispatch (`sharding.dispatch`)."""
+  def local(x, idx, scores, weights, expected_rows):
+    return EXPERT_IMPLS[policy.moe_impl](x, idx, scores, *weights, policy, expected_rows)
+
+  return sharding.routed_experts(local, x, idx, scores, (gate_up, down), weight_names(gate_up))

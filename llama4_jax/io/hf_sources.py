@@ -1,11 +1,14 @@
-"""Reading HF checkpoints tensor by tensor, FP8 releases included (reference section 5).
+"""The tensors of a HF checkpoint, FP8 releases included (reference section 5): validated against the config,
+then read one at a time. The one place that says what a HF directory must hold; loading (`io.load`) and
+`hf_to_orbax` both go through `sources`.
 
-`sources(cfg, tensors, layout)` validates a checkpoint and returns one `Source` per tensor of the plain HF
-layout (`hf_keys.placements`: fused expert tensors, bf16 names), each knowing which stored tensors it is
-made of and how to read them. Tensors are read with one `np.fromfile` at their offset in the file (one
-buffer, no memory map left resident), so reading a tensor costs exactly its size in host memory.
+`sources(cfg, tensors, layout)` checks every file, key, shape and dtype against the config (`validate`) and
+returns one `Source` per tensor of the plain HF layout (`hf_keys.placements`: fused expert tensors, bf16
+names), each knowing which stored tensors it is made of and how to read them (`safetensors.read`). A
+multimodal config needs the vision tower and projector in the checkpoint (a text-only `Llama4ForCausalLM`
+checkpoint is refused); a text-only config reads only the text part of a multimodal checkpoint.
 
-* plain (`layout=None`): the tensor itself (validated by `hf_load.plan`).
+* plain (`layout=None`): the float tensor itself.
 * `"compressed-tensors"` (the hub's FP8 release): routed experts unfused, per expert,
   `…experts.{e}.{gate,up,down}_proj.weight` float8_e4m3fn [out, in] with `….weight_scale` [out, 1]
   (per output row); they are dequantised (`W = float32(q) * scale`) and fused back into
@@ -27,18 +30,18 @@ the last layer bf16) are quantised per output column the FBGEMM way (scale = max
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 from typing import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
 
-from llama4_jax import hf_keys, hf_load
 from llama4_jax.config import ConfigError, Llama4Config
-from llama4_jax.hf_load import CheckpointError, TensorInfo
+from llama4_jax.io import hf_keys
+from llama4_jax.io import safetensors as st
+from llama4_jax.io.safetensors import TensorInfo
+from llama4_jax.io.validate import CheckpointError, Validator
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +51,11 @@ COMPRESSED_TENSORS = "compressed-tensors"
 FBGEMM = "fbgemm_fp8"
 LAYOUTS = (COMPRESSED_TENSORS, FBGEMM)
 SCALE_SUFFIX = "_scale"
-_FP8_NAME = "F8_E4M3"
 _SCALE_DTYPES = ("F32", "BF16")
 
 # Our leaves that `--keep-fp8` stores as fp8 (relative to a text layer), and their scale leaves.
 FP8_LEAVES = {("ffn", "gate_up"): ("ffn", "gate_up_scale"), ("ffn", "down"): ("ffn", "down_scale")}
+_VISION_KEY_PREFIXES = (hf_keys.VISION_PREFIX, hf_keys.PROJECTOR.hf)
 
 
 def layout_of(config: Mapping) -> str | None:
@@ -110,70 +113,36 @@ def dequantize_ours(leaf: tuple, q: np.ndarray, scale: np.ndarray, dtype) -> np.
 # Planning
 
 
-class _Expect:
-  """Expected stored tensors: key -> (shape, allowed dtype names)."""
+class _Expect(Validator):
+  """The validator of one checkpoint, with the HF rule for weights that may be FP8 (a scale beside them)."""
 
-  def __init__(self, tensors: Mapping[str, TensorInfo], cfg: Llama4Config):
-    self.tensors, self.cfg, self.keys = tensors, cfg, {}
-    self.where = os.path.dirname(next(iter(tensors.values())).file) if tensors else "checkpoint"
-
-  def need(self, key: str, shape, dtypes) -> TensorInfo:
-    if key not in self.tensors:
-      raise CheckpointError(f"{self.where}: key {key!r} missing from the checkpoint")
-    info = self.tensors[key]
-    if info.shape != tuple(shape):
-      raise CheckpointError(f"{info.file}: key {key!r} has shape {list(info.shape)}, the config implies {list(shape)}")
-    if info.dtype not in dtypes:
-      raise CheckpointError(f"{info.file}: key {key!r} has dtype {info.dtype}, expected one of {sorted(dtypes)}")
-    self.keys[key] = info
-    return info
+  def __init__(self, tensors: Mapping[str, TensorInfo], fp8: bool):
+    where = os.path.dirname(next(iter(tensors.values())).file) if tensors else "checkpoint"
+    super().__init__({k: t.stored() for k, t in tensors.items()}, where)
+    self.tensors, self.fp8 = tensors, fp8
 
   def weight(self, key: str, shape, scale_shape) -> tuple[TensorInfo, TensorInfo | None]:
-    """A float tensor, or an fp8 one with its scale."""
-    info = self.need(key, shape, (*hf_load.FLOAT_DTYPES, _FP8_NAME))
-    if info.dtype != _FP8_NAME:
-      return info, None
-    return info, self.need(key + SCALE_SUFFIX, scale_shape, _SCALE_DTYPES)
+    """A float tensor, or (FP8 layouts only) an fp8 one with its scale."""
+    s = self.need(key, shape, (*st.FLOAT_NAMES, st.FP8_NAME) if self.fp8 else st.FLOAT_NAMES)
+    if s.dtype != st.FP8_NAME:
+      return self.tensors[key], None
+    self.need(key + SCALE_SUFFIX, scale_shape, _SCALE_DTYPES)
+    return self.tensors[key], self.tensors[key + SCALE_SUFFIX]
 
 
-_NP_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-              "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
-_headers: dict[tuple, tuple[int, dict]] = {}
-
-
-def _header(path: str) -> tuple[int, dict]:
-  """(offset of the data section, header dict) of a safetensors file, cached per file version."""
-  st = os.stat(path)
-  key = (path, st.st_mtime_ns, st.st_size)
-  if key not in _headers:
-    with open(path, "rb") as f:
-      n = int.from_bytes(f.read(8), "little")
-      _headers[key] = (8 + n, json.loads(f.read(n)))
-  return _headers[key]
-
-
-def _read(info: TensorInfo, key: str) -> np.ndarray:
-  """One tensor, read straight from the file into a fresh array."""
-  try:
-    start, header = _header(info.file)
-    h = header[key]
-    dtype = np.dtype(_NP_DTYPES[h["dtype"]])
-    count = math.prod(h["shape"])
-    x = np.fromfile(info.file, dtype=dtype, count=count, offset=start + h["data_offsets"][0])
-    if x.size != count:
-      raise ValueError(f"file ends after {x.size} of {count} elements")
-    return x.reshape(h["shape"])
-  except Exception as e:
-    raise CheckpointError(f"{info.file}: reading key {key!r} failed ({type(e).__name__}: {e})") from None
+def text_prefix(keys) -> str:
+  """"language_model." for the multimodal layout, "" for the text-only `Llama4ForCausalLM` one."""
+  return hf_keys.MULTIMODAL_TEXT_PREFIX if any(
+      k.startswith(hf_keys.MULTIMODAL_TEXT_PREFIX) for k in keys) else hf_keys.TEXT_ONLY_PREFIX
 
 
 def _plain_or_linear(p: hf_keys.Placement, cfg: Llama4Config, ex: _Expect) -> Source:
   shape = p.entry.hf_shape(cfg)
   info, sinfo = ex.weight(p.key, shape, (shape[0], 1))
   if sinfo is None:
-    return Source(p, (p.key,), lambda dt: _read(info, p.key).astype(dt, copy=False))
+    return Source(p, (p.key,), lambda dt: st.read(info, p.key).astype(dt, copy=False))
   sk = p.key + SCALE_SUFFIX
-  return Source(p, (p.key, sk), lambda dt: dequantize(_read(info, p.key), _read(sinfo, sk), dt))
+  return Source(p, (p.key, sk), lambda dt: dequantize(st.read(info, p.key), st.read(sinfo, sk), dt))
 
 
 def _is_experts(p: hf_keys.Placement, name: str) -> bool:
@@ -189,22 +158,22 @@ def _fused_experts(p: hf_keys.Placement, cfg: Llama4Config, ex: _Expect) -> Sour
   if sinfo is None:
     def quantized():
       log.warning("%s: experts stored unquantised; quantising them per output column for --keep-fp8", p.key)
-      return quantize_columns(_read(info, p.key))
-    return Source(p, (p.key,), lambda dt: _read(info, p.key).astype(dt, copy=False), quantized)
+      return quantize_columns(st.read(info, p.key))
+    return Source(p, (p.key,), lambda dt: st.read(info, p.key).astype(dt, copy=False), quantized)
   sk = p.key + SCALE_SUFFIX
 
   def cols(s):  # scale per output column [E, b]
     return s[:, 0, :] if gate_up else s[:, :, 0]
 
   def read(dt):
-    q, s = _read(info, p.key), cols(_read(sinfo, sk))
+    q, s = st.read(info, p.key), cols(st.read(sinfo, sk))
     out = np.empty(q.shape, dt)
     for e in range(E):
       out[e] = dequantize(q[e], s[e][None, :], dt)
     return out
 
   def read_fp8():
-    return _read(info, p.key), cols(_read(sinfo, sk)).astype(np.float32)
+    return st.read(info, p.key), cols(st.read(sinfo, sk)).astype(np.float32)
 
   return Source(p, (p.key, sk), read, read_fp8)
 
@@ -224,15 +193,15 @@ def _unfused_experts(p: hf_keys.Placement, cfg: Llama4Config, ex: _Expect) -> So
 
   def linear(k, dt):  # one Linear [out, in], dequantised
     info, sinfo = infos[k]
-    w = _read(info, k)
-    return w.astype(dt, copy=False) if sinfo is None else dequantize(w, _read(sinfo, k + SCALE_SUFFIX), dt)
+    w = st.read(info, k)
+    return w.astype(dt, copy=False) if sinfo is None else dequantize(w, st.read(sinfo, k + SCALE_SUFFIX), dt)
 
   def linear_fp8(k):  # (q [in, out], scale [out]); quantised here if stored in float
     info, sinfo = infos[k]
-    w = _read(info, k)
+    w = st.read(info, k)
     if sinfo is None:
       return quantize_columns(w.T)
-    return w.T, _read(sinfo, k + SCALE_SUFFIX)[:, 0].astype(np.float32)
+    return w.T, st.read(sinfo, k + SCALE_SUFFIX)[:, 0].astype(np.float32)
 
   def assemble(one, dtype_of):
     out = scale = None
@@ -262,30 +231,37 @@ def _unfused_experts(p: hf_keys.Placement, cfg: Llama4Config, ex: _Expect) -> So
 
 
 def sources(cfg: Llama4Config, tensors: Mapping[str, TensorInfo], layout: str | None) -> list[Source]:
-  """Validates the checkpoint (files, keys, shapes, dtypes) against the config; one Source per tensor of the
-  plain HF layout, in `hf_keys.placements` order. Nothing is read yet."""
-  if layout is None:
-    return [_plain_or_linear(p, cfg, _Expect(tensors, cfg)) for p in hf_load.plan(cfg, tensors)]
-  prefix = hf_load.text_prefix(tensors)
-  vision = [k for k in tensors if k.startswith(hf_load._VISION_KEY_PREFIXES)]
+  """Validates the checkpoint (keys, shapes, dtypes) against the config; one Source per tensor of the plain
+  HF layout, in `hf_keys.placements` order. Nothing is read yet."""
+  ex = _Expect(tensors, fp8=layout is not None)
+  vision = [k for k in tensors if k.startswith(_VISION_KEY_PREFIXES)]
   if cfg.vision is not None and not vision:
-    raise CheckpointError(f"{_Expect(tensors, cfg).where}: the config is multimodal but the checkpoint has no "
-                          "vision_model. / multi_modal_projector. tensors")
-  ex = _Expect(tensors, cfg)
+    raise CheckpointError(f"{ex.where}: the config is multimodal but the checkpoint has no vision_model. / "
+                          "multi_modal_projector. tensors (a text-only Llama4ForCausalLM checkpoint?); "
+                          "load it with a text-only config (vision=None)")
+  places = hf_keys.placements(cfg, text_prefix(tensors))
+  absent = sorted(p.key for p in places if p.key not in tensors and not _unfused(p, tensors, layout))
+  if absent:
+    ex.need_all({k: ((), ()) for k in absent})  # raises, naming the first and counting the others
   out = []
-  for p in hf_keys.placements(cfg, prefix):
-    if _is_experts(p, "gate_up_proj") or _is_experts(p, "down_proj"):
-      fused = p.key in tensors or layout != COMPRESSED_TENSORS
-      out.append((_fused_experts if fused else _unfused_experts)(p, cfg, ex))
+  for p in places:
+    if _unfused(p, tensors, layout):
+      out.append(_unfused_experts(p, cfg, ex))
+    elif layout is not None and (_is_experts(p, "gate_up_proj") or _is_experts(p, "down_proj")):
+      out.append(_fused_experts(p, cfg, ex))
     else:
       out.append(_plain_or_linear(p, cfg, ex))
-  skipped = set(vision) if cfg.vision is None else set()
-  unexpected = sorted(k for k in tensors if k not in ex.keys and k not in skipped)
-  if unexpected:
-    raise CheckpointError(f"{tensors[unexpected[0]].file}: unexpected key {unexpected[0]!r}"
-                          f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} for this config "
-                          f"and the {layout} layout")
+  ex.finish(ignore=vision if cfg.vision is None else (),
+            why="this config" + (f" and the {layout} layout" if layout else ""))
+  if cfg.vision is None and vision:
+    log.info("text-only config: %d vision tower / projector tensors of the checkpoint are not loaded", len(vision))
   return out
+
+
+def _unfused(p: hf_keys.Placement, tensors, layout) -> bool:
+  """A routed-expert tensor stored unfused, per expert (the compressed-tensors layout)."""
+  return (layout == COMPRESSED_TENSORS and p.key not in tensors
+          and (_is_experts(p, "gate_up_proj") or _is_experts(p, "down_proj")))
 
 
 def is_quantized(src: Source) -> bool:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama4_jax.config import Llama4Config, Policy
+from llama4_jax.model import llama4
 from sharding.mesh import MeshConfig
 from sharding.params import param_specs, shard_bytes
 from sharding.rules import DATA_PARALLEL, EXPERT_PARALLEL, FSDP, FSDP_TP, INFERENCE, MESH_AXES, Rules
@@ -159,8 +160,6 @@ def plan(cfg: Llama4Config, policy: Policy, rules: Rules, mesh: MeshConfig | Map
          work: Workload = Workload(), devices: int | None = None, abstract=None) -> MemoryPlan:
   """Per-device memory of `cfg` under `rules` on a mesh of the given axis sizes (no devices needed).
   `abstract`: the abstract model of (cfg, policy), to reuse across calls."""
-  from llama4_jax import llama4  # deferred: the model imports `sharding`
-
   sizes = _sizes(mesh, devices)
   abstract = abstract if abstract is not None else llama4.abstract(cfg, policy)
   specs, notes = param_specs(abstract, rules, sizes)
@@ -208,8 +207,6 @@ def choose_mesh(cfg: Llama4Config, policy: Policy, hardware: Hardware, work: Wor
   `hardware.hbm_gib * (1 - headroom)`, the one with the largest `data` axis (fewest per-layer
   collectives), then the least memory. If none fits: ValueError naming the smallest plan, or (with
   `strict=False`) that smallest plan itself."""
-  from llama4_jax import llama4
-
   abstract = llama4.abstract(cfg, policy)
   best, smallest = None, None
   for rules, sizes in candidates(cfg, hardware.devices, work.train):

@@ -1,0 +1,251 @@
+"""The one way to get a model from disk: `load(path)` takes any of the four directories this project reads and
+says which it found (`resolve`, the one resolver, also used by `convert.orbax_to_hf`):
+
+  "hf"     a HF release directory: config.json + model.safetensors (or shards + index), plain or FP8
+  "model"  a model directory (`model_dir`): config.json + params/ (+ llama4_jax.json, assets/)
+  "step"   one step of a training run's checkpoints (`checkpointer`): params/ + meta/ (the config in meta)
+  "run"    a training run directory (`runs/<name>/`, with checkpoints/) or its checkpoints/ directory: the
+           latest complete step
+
+Everything is validated before a byte of weights is read (files present and readable, every expected key or
+leaf there with the right shape and dtype, nothing unexpected: `hf_sources.sources`, `model_dir.check_stored`),
+so a bad checkpoint fails with an error naming the file and key and nothing is loaded half. HF tensors are
+then read one at a time straight into the (optionally sharded) parameter arrays: each device shard is filled
+by a callback reading only the tensors it needs. Orbax parameters are restored slice by slice onto the target
+shardings. A step trained with aux-loss-free balancing gets its MoE selection biases back.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama4_jax.config import Llama4Config, Policy, from_hf
+from llama4_jax.data.tokenizers import Tokenizer, load_tokenizer
+from llama4_jax.io import checkpointer, hf_sources, model_dir, orbax_store, targets
+from llama4_jax.io import safetensors as st
+from llama4_jax.io.validate import CheckpointError
+from llama4_jax.model.llama4 import Llama4, abstract
+from llama4_jax.model.text import enable_selection_bias
+
+log = logging.getLogger(__name__)
+
+KINDS = ("hf", "model", "step", "run")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A resolved checkpoint: which kind of directory `path` is and where its parts are."""
+
+  kind: str  # one of KINDS
+  path: str  # the directory given, absolute
+  directory: str  # the directory holding the weights: the HF or model directory, or the step directory
+  config: Llama4Config
+  step: int | None = None  # the training step ("step" and "run")
+  run_dir: str | None = None  # the run directory ("step" and "run"), when there is one
+  meta: dict | None = None  # the step's meta item ("step" and "run")
+  layout: str | None = None  # the FP8 layout of a HF directory (`hf_sources.layout_of`), else None
+
+  @property
+  def params_dir(self) -> str:
+    """The Orbax parameter checkpoint (not for "hf")."""
+    return os.path.join(self.directory, model_dir.PARAMS)
+
+  @property
+  def info(self) -> dict:
+    """llama4_jax.json of a model directory (defaults for the other kinds)."""
+    return model_dir.read_info(self.directory)
+
+  @property
+  def assets_dir(self) -> str | None:
+    """The directory of the non-weight files travelling with the model (tokenizer, generation config)."""
+    if self.kind == "hf":
+      return self.directory
+    if self.kind == "model":
+      return os.path.join(self.directory, model_dir.ASSETS)
+    return self.run_dir
+
+  @property
+  def tokenizer_file(self) -> str | None:
+    """tokenizer.json (or Meta's tokenizer.model) found with the model, else None."""
+    d = self.assets_dir
+    return next((os.path.join(d, n) for n in _TOKENIZER_FILES if d and os.path.isfile(os.path.join(d, n))), None)
+
+  def describe(self) -> str:
+    if self.kind in ("step", "run"):
+      return f"{self.kind} {self.path} (step {self.step} of {os.path.dirname(self.directory)})"
+    return f"{self.kind} {self.path}"
+
+
+def _is_hf(d: str) -> bool:
+  return os.path.isfile(os.path.join(d, "config.json")) and (
+      os.path.isfile(os.path.join(d, st.SINGLE_FILE)) or os.path.isfile(os.path.join(d, st.INDEX_FILE)))
+
+
+def _is_step(d: str) -> bool:
+  return orbax_store.is_params_dir(os.path.join(d, model_dir.PARAMS)) and os.path.isdir(os.path.join(d, "meta"))
+
+
+def _latest_step(ck_dir: str) -> int | None:
+  """The newest complete step of a checkpoints directory (a step directory appears only once complete)."""
+  steps = [int(e) for e in os.listdir(ck_dir) if e.isdigit() and _is_step(os.path.join(ck_dir, e))]
+  return max(steps) if steps else None
+
+
+def _step_config(step_dir: str) -> tuple[Llama4Config, dict]:
+  meta = checkpointer.read_meta(step_dir)
+  if "config" not in meta:
+    raise CheckpointError(f"{step_dir}/meta has no 'config' (the HF config.json dict): cannot rebuild the model "
+                          "(save it with Checkpointer.save(meta={'config': config.to_hf(cfg)}))")
+  return from_hf(meta["config"]), meta
+
+
+def resolve(path: str | os.PathLike) -> Source:
+  """What `path` is (see the module docstring); CheckpointError when it is none of the four."""
+  p = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(p):
+    raise CheckpointError(f"{p}: no such directory")
+  if _is_hf(p):
+    with open(os.path.join(p, "config.json")) as f:
+      try:
+        layout = hf_sources.layout_of(json.load(f))
+      except json.JSONDecodeError:
+        layout = None  # from_hf below names the bad file
+    return Source("hf", p, p, from_hf(p), layout=layout)
+  if os.path.isfile(os.path.join(p, model_dir.CONFIG)) and orbax_store.is_params_dir(os.path.join(p, model_dir.PARAMS)):
+    return Source("model", p, p, from_hf(os.path.join(p, model_dir.CONFIG)))
+  if _is_step(p):
+    cfg, meta = _step_config(p)
+    ck_dir = os.path.dirname(p)
+    run_dir = os.path.dirname(ck_dir) if os.path.basename(ck_dir) == "checkpoints" else None
+    return Source("step", p, p, cfg, int(meta.get("step", os.path.basename(p))), run_dir, meta)
+  ck_dir, run_dir = (os.path.join(p, "checkpoints"), p) if os.path.isdir(os.path.join(p, "checkpoints")) else (
+      p, os.path.dirname(p) if os.path.basename(p) == "checkpoints" else None)
+  step = _latest_step(ck_dir) if os.path.isdir(ck_dir) else None
+  if step is None:
+    raise CheckpointError(f"{p}: not a HF directory (config.json + *.safetensors), a model directory (config.json "
+                          "+ params/), a checkpoint step (params/ + meta/) nor a run directory with a complete step")
+  step_dir = os.path.join(ck_dir, str(step))
+  cfg, meta = _step_config(step_dir)
+  return Source("run", p, step_dir, cfg, step, run_dir, meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A ready model and where it came from. `tokenizer` is loaded on first use: the `tokenizer` spec given to
+  `load`, else the one found with the model (`Source.tokenizer_file`), else Meta's Llama 4 tokenizer for a
+  HF directory; None when there is none."""
+
+  model: Llama4
+  source: Source
+  tokenizer_spec: str | None = None
+
+  @functools.cached_property
+  def tokenizer(self) -> Tokenizer | None:
+    spec = self.tokenizer_spec or self.source.tokenizer_file or ("llama4" if self.source.kind == "hf" else None)
+    return None if spec is None else load_tokenizer(spec)
+
+  @property
+  def description(self) -> str:
+    return self.source.describe()
+
+
+def load(path: str | os.PathLike, *, dtype: str | None = None, policy: Policy | None = None, shardings: Any = None,
+         text_only: bool = False, tokenizer: str | None = None) -> Loaded:
+  """A ready `Llama4` from any directory `resolve` knows, and its source.
+
+  `dtype` sets parameters and compute (`Policy.for_dtype`; default: the checkpoint's dtype, float16 read as
+  bfloat16, bfloat16 for FP8 releases); `policy` overrides it entirely. A model directory written with
+  `--keep-fp8` loads with its routed experts in FP8 as stored (`Policy.expert_fp8` switched on). `shardings`:
+  a state of shardings with the model's structure (`sharding.param_shardings(abstract(cfg, policy), rules,
+  mesh)`; default: the first device). `text_only` builds the text model alone (vision tensors not read).
+  `tokenizer`: a `load_tokenizer` spec overriding the one found with the model."""
+  source = resolve(path)
+  cfg = dataclasses.replace(source.config, vision=None) if text_only else source.config
+  fp8_stored = source.kind == "model" and bool(source.info.get("fp8"))
+  if policy is None:
+    policy = Policy.for_dtype(dtype or ("bfloat16" if source.layout else cfg.dtype))
+  if fp8_stored:
+    policy = dataclasses.replace(policy, expert_fp8=True)
+  if source.kind == "hf":
+    model = _from_hf(cfg, source, policy, shardings)
+  else:
+    bias = bool(((source.meta or {}).get("experiment") or {}).get("moe", {}).get("bias_balancing", False))
+    model = _from_orbax(cfg, source, policy, shardings, bias, skip_vision=cfg.vision is None)
+  log.info("loaded %s", source.describe())
+  return Loaded(model, source, tokenizer)
+
+
+def _from_orbax(cfg: Llama4Config, source: Source, policy: Policy, shardings, bias: bool,
+                skip_vision: bool) -> Llama4:
+  model = abstract(cfg, policy)
+  if bias:
+    enable_selection_bias(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  model_dir.check_stored(orbax_store.ParamReader(source.params_dir), params,
+                         ignore_prefixes=("vision.", "projector") if skip_vision else ())
+  params = model_dir.restore_params(source.directory, targets.abstract_target(params, shardings))
+  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
+  if bias:  # the selection biases of aux-loss-free balancing live in the step's opt_state
+    with checkpointer.Checkpointer(os.path.dirname(source.directory), keep=None, async_save=False) as ck:
+      saved = ck.restore(source.step)["opt_state"]["bias"]
+    nnx.replace_by_pure_dict(rest, saved)
+  return nnx.merge(graphdef, params, rest)
+
+
+def _leaf_builder(srcs: list, cfg: Llama4Config, dtype) -> Callable[[Any], np.ndarray]:
+  """Callback for `jax.make_array_from_callback`: the requested slice of one (possibly stacked) leaf."""
+  stacked = srcs[0].placement.index is not None
+  by_block = {s.placement.index: s for s in srcs}
+
+  def read(s):
+    return s.placement.entry.to_ours(s.read(dtype), cfg).astype(dtype, copy=False)
+
+  def callback(index):
+    if not stacked:
+      return read(srcs[0])[index]
+    blocks = range(*index[0].indices(len(by_block)))
+    return np.stack([read(by_block[b])[index[1:]] for b in blocks])
+
+  return callback
+
+
+def _from_hf(cfg: Llama4Config, source: Source, policy: Policy, shardings) -> Llama4:
+  if policy.expert_fp8:
+    raise CheckpointError(f"{source.path}: policy.expert_fp8 needs a --keep-fp8 model directory "
+                          "(python -m tools.convert hf-to-orbax SRC DST --keep-fp8); HF directories load dequantised")
+  srcs = hf_sources.sources(cfg, st.list_tensors(source.directory), source.layout)
+  graphdef, abs_state = nnx.split(abstract(cfg, policy))
+  by_leaf: dict[tuple, list] = collections.defaultdict(list)
+  for s in srcs:
+    by_leaf[s.placement.path].append(s)
+  flat = dict(nnx.to_flat_state(abs_state))
+  if set(by_leaf) != set(flat):
+    missing = sorted(set(flat) - set(by_leaf), key=str)
+    raise CheckpointError(f"{source.path}: no tensor maps to parameter {'.'.join(map(str, missing[0]))}")
+  shard_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  dtype = np.dtype(jnp.dtype(policy.param_dtype))
+  leaves = []
+  for path, var in flat.items():
+    sh = shard_flat.get(path, default)
+    sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
+    arr = jax.make_array_from_callback(var.shape, sh, _leaf_builder(by_leaf[path], cfg, dtype))
+    leaves.append((path, var.replace(arr)))
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
