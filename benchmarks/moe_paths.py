@@ -65,8 +65,8 @@ def measure(tokens: int = 2048, hidden: int = 512, width: int = 512, experts=(8,
         ref = y
       err = float(np.abs(y - ref).max())
       assert err < 1e-3 * max(1.0, float(np.abs(ref).max())), f"E={E}: {impl} disagrees with sorted by {err}"
-      t_f, runs_f = median_s(lambda: jax.block_until_ready(f(*args)), runs, budget_s=budget_s)
-      t_g, runs_g = median_s(lambda: jax.block_until_ready(g(*args)), runs, budget_s=budget_s)
+      t_f, runs_f = median_s(lambda f=f, a=args: jax.block_until_ready(f(*a)), runs, budget_s=budget_s)
+      t_g, runs_g = median_s(lambda g=g, a=args: jax.block_until_ready(g(*a)), runs, budget_s=budget_s)
       row[impl] = {"fwd_ms": 1e3 * t_f, "fwd_bwd_ms": 1e3 * t_g, "runs": [len(runs_f), len(runs_g)],
                    "fwd_gflops": flops_fwd / t_f / 1e9,
                    "fwd_bwd_gflops": 3 * flops_fwd / t_g / 1e9, "max_abs_diff_vs_sorted": err}

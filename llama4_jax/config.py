@@ -5,19 +5,30 @@
 text-only (`Llama4ForCausalLM`) checkpoint has `vision=None`. `Policy` holds run-time choices
 (dtypes, kernels) that are not part of the architecture.
 
-`from_hf` reads both spellings of config.json: the 4.51 release one (`rope_theta` + `rope_scaling`,
-`torch_dtype`, `no_rope_layers: []`) and the 5.x one (`rope_parameters`, `dtype`, materialised lists).
+The dataclasses store exactly what they are given and only validate it (a value of the wrong type is a
+`ConfigError` naming the field). The layer layout is derived, not stored: `no_rope_layers=()` and
+`moe_layers=None` mean "the default pattern", resolved by `TextConfig.rope_flags` / `moe_layer_ids`, so
+that `dataclasses.replace(text, num_hidden_layers=8)` gives an 8-layer pattern.
+
+`from_hf` is the parser: it reads both spellings of config.json, the 4.51 release one (`rope_theta` +
+`rope_scaling`, `torch_dtype`, `no_rope_layers: []`) and the 5.x one (`rope_parameters`, `dtype`,
+materialised lists), and turns JSON values into the field types (lists into tuples, an int
+`eos_token_id` into a tuple, a `rope_scaling` dict into `RopeScaling`, a materialised default layout back
+into `()` / `None`). `to_hf` writes the materialised lists transformers expects.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import types
+import typing
 from typing import Any, Mapping
 
 # --------------------------------------------------------------------------------------------------
-# Errors
+# Errors and field validation
 
 
 class ConfigError(ValueError):
@@ -29,12 +40,42 @@ def _require(cond: bool, field: str, msg: str) -> None:
     raise ConfigError(f"config field {field!r}: {msg}")
 
 
-def _as_tuple(v) -> tuple[int, ...]:
-  if v is None:
-    return ()
-  if isinstance(v, (list, tuple)):
-    return tuple(int(x) for x in v)
-  return (int(v),)
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+  """The resolved annotation of every field of a config dataclass."""
+  return typing.get_type_hints(cls)
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+  """The alternatives of a union annotation (`int | None` -> int, NoneType), else just `tp`."""
+  return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def _type_ok(v: Any, tp: Any) -> bool:
+  """Whether `v` is a value of annotation `tp`. A bool is not an int; an int is a float (PEP 484)."""
+  if len(_members(tp)) > 1:
+    return any(_type_ok(v, m) for m in _members(tp))
+  if typing.get_origin(tp) is tuple:  # tuple[X, ...]
+    return isinstance(v, tuple) and all(_type_ok(x, typing.get_args(tp)[0]) for x in v)
+  if tp is int or tp is float:
+    return isinstance(v, int if tp is int else (int, float)) and not isinstance(v, bool)
+  return v is None if tp is type(None) else isinstance(v, tp)
+
+
+def _type_name(tp: Any) -> str:
+  if len(_members(tp)) > 1:
+    return " | ".join(_type_name(m) for m in _members(tp))
+  if typing.get_origin(tp) is tuple:
+    return f"tuple[{_type_name(typing.get_args(tp)[0])}, ...]"
+  return "None" if tp is type(None) else tp.__name__
+
+
+def _check_types(obj: Any, section: str) -> None:
+  """Rejects a field of `obj` whose value is not of the declared type, naming it as `section + name`."""
+  for name, tp in _field_types(type(obj)).items():
+    v = getattr(obj, name)
+    hint = " (from_hf converts config.json lists and dicts)" if isinstance(v, (list, dict)) else ""
+    _require(_type_ok(v, tp), section + name, f"expected {_type_name(tp)}, got {type(v).__name__} {v!r}{hint}")
 
 
 def _rope_scaling_from_dict(d: Mapping[str, Any], where: str) -> RopeScaling | None:
@@ -50,6 +91,16 @@ def _rope_scaling_from_dict(d: Mapping[str, Any], where: str) -> RopeScaling | N
     raise ConfigError(f"config field {where!r}: llama3 scaling lacks {e.args[0]!r}") from None
 
 
+def _every_nth_nope(layers: int, interval: int) -> tuple[int, ...]:
+  """Use-RoPE flags with every `interval`-th layer NoPE (transformers' default `no_rope_layers`)."""
+  return tuple(int((i + 1) % interval != 0) for i in range(layers))
+
+
+def _every_nth_moe(layers: int, step: int) -> tuple[int, ...]:
+  """Every `step`-th layer MoE, the last of each group (transformers' default `moe_layers`)."""
+  return tuple(range(step - 1, layers, step))
+
+
 # --------------------------------------------------------------------------------------------------
 # Text
 
@@ -62,12 +113,20 @@ class RopeScaling:
   low_freq_factor: float = 1.0  # wavelengths above L0/low are fully scaled
   high_freq_factor: float = 1.0  # wavelengths below L0/high are untouched
   original_max_position_embeddings: int = 8192  # L0
-  rope_type: str = "llama3"
+  rope_type: str = "llama3"  # the only scaling Llama 4 uses (config.json "default" is `rope_scaling=None`)
+
+  def __post_init__(self):
+    _check_types(self, "text_config.rope_scaling.")
+    _require(self.rope_type == "llama3", "text_config.rope_scaling.rope_type",
+             f"only 'llama3' is supported, got {self.rope_type!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """The text decoder (`Llama4TextConfig`). Defaults are Scout's."""
+  """The text decoder (`Llama4TextConfig`). Defaults are Scout's.
+
+  The layer layout fields hold what was given: `no_rope_layers=()` and `moe_layers=None` stand for the
+  default patterns; read the resolved layout from `rope_flags`, `moe_layer_ids`, `use_rope`, `is_moe`."""
 
   vocab_size: int = 202048  # token embedding rows / lm_head columns
   hidden_size: int = 5120  # D
@@ -91,13 +150,13 @@ class TextConfig:
   attention_dropout: float = 0.0  # unused at inference
   num_experts_per_tok: int = 1  # top-k of the router
   num_local_experts: int = 16  # E
-  moe_layers: tuple[int, ...] | None = None  # None -> range(step-1, L, step)
+  moe_layers: tuple[int, ...] | None = None  # MoE layer indices; None: every step-th, range(step-1, L, step)
   interleave_moe_layer_step: int = 1  # 1: every layer MoE (Scout); 2: odd layers (Maverick)
   use_qk_norm: bool = True  # weightless RMS norm on q, k of RoPE layers
   output_router_logits: bool = False  # HF forward option; unused here
   router_aux_loss_coef: float = 0.001  # HF stores it, its forward does not use it
   router_jitter_noise: float = 0.0  # HF stores it, its forward does not use it
-  no_rope_layers: tuple[int, ...] = ()  # use-RoPE flag per layer; () -> every interval-th is NoPE
+  no_rope_layers: tuple[int, ...] = ()  # use-RoPE flag (1) or NoPE (0) per layer; (): every interval-th is NoPE
   no_rope_layer_interval: int = 4  # NoPE/global layer period
   attention_chunk_size: int = 8192  # chunk of the local attention on RoPE layers
   attn_temperature_tuning: bool = True  # scale q on NoPE layers by 1 + attn_scale*log1p(floor((p+1)/floor_scale))
@@ -107,54 +166,57 @@ class TextConfig:
   use_cache: bool = True  # HF generation default
 
   def __post_init__(self):
+    _check_types(self, "text_config.")
     _require(self.hidden_act == "silu", "text_config.hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
               "interleave_moe_layer_step", "no_rope_layer_interval", "attention_chunk_size", "floor_scale"):
       v = getattr(self, f)
-      _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"text_config.{f}",
-               f"must be a positive integer, got {v!r}")
+      _require(v > 0, f"text_config.{f}", f"must be a positive integer, got {v!r}")
     _require(self.num_attention_heads % self.num_key_value_heads == 0, "text_config.num_key_value_heads",
              f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}")
     _require(self.head_dim % 2 == 0, "text_config.head_dim", f"must be even for RoPE, got {self.head_dim}")
     _require(self.num_experts_per_tok <= self.num_local_experts, "text_config.num_experts_per_tok",
              f"{self.num_experts_per_tok} exceeds num_local_experts={self.num_local_experts}")
     L = self.num_hidden_layers
-    if not self.no_rope_layers:
-      flags = tuple(int((i + 1) % self.no_rope_layer_interval != 0) for i in range(L))
-      object.__setattr__(self, "no_rope_layers", flags)
-    else:
-      object.__setattr__(self, "no_rope_layers", tuple(int(x) for x in self.no_rope_layers))
-    _require(len(self.no_rope_layers) == L, "text_config.no_rope_layers",
-             f"has {len(self.no_rope_layers)} entries for num_hidden_layers={L}")
-    _require(set(self.no_rope_layers) <= {0, 1}, "text_config.no_rope_layers", "entries must be 0 or 1")
-    if self.moe_layers is None:
-      step = self.interleave_moe_layer_step
-      object.__setattr__(self, "moe_layers", tuple(range(step - 1, L, step)))
-    else:
-      object.__setattr__(self, "moe_layers", tuple(int(x) for x in self.moe_layers))
-    _require(all(0 <= i < L for i in self.moe_layers), "text_config.moe_layers",
-             f"indices must lie in [0, {L}), got {list(self.moe_layers)}")
-    object.__setattr__(self, "eos_token_id", _as_tuple(self.eos_token_id))
-    if isinstance(self.rope_scaling, Mapping):
-      object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling, "text_config.rope_scaling"))
+    if self.no_rope_layers:
+      _require(len(self.no_rope_layers) == L, "text_config.no_rope_layers",
+               f"has {len(self.no_rope_layers)} entries for num_hidden_layers={L}")
+      _require(set(self.no_rope_layers) <= {0, 1}, "text_config.no_rope_layers", "entries must be 0 or 1")
+    if self.moe_layers is not None:
+      _require(all(0 <= i < L for i in self.moe_layers), "text_config.moe_layers",
+               f"indices must lie in [0, {L}), got {list(self.moe_layers)}")
 
   # Derived layout -------------------------------------------------------------------------------
+  @property
+  def rope_flags(self) -> tuple[int, ...]:
+    """1 (RoPE + chunked attention) or 0 (NoPE + global attention) per layer: `no_rope_layers`, or when
+    that is () every `no_rope_layer_interval`-th layer NoPE."""
+    return self.no_rope_layers or _every_nth_nope(self.num_hidden_layers, self.no_rope_layer_interval)
+
+  @property
+  def moe_layer_ids(self) -> tuple[int, ...]:
+    """Indices of the MoE layers: `moe_layers`, or when that is None every `interleave_moe_layer_step`-th."""
+    if self.moe_layers is None:
+      return _every_nth_moe(self.num_hidden_layers, self.interleave_moe_layer_step)
+    return self.moe_layers
+
   def use_rope(self, layer: int) -> bool:
     """RoPE + chunked local attention (+ qk-norm) layer; otherwise NoPE + global attention."""
-    return bool(self.no_rope_layers[layer])
+    return bool(self.rope_flags[layer])
 
   def is_moe(self, layer: int) -> bool:
-    return layer in self.moe_layers
+    return layer in self.moe_layer_ids
 
   @property
   def layer_types(self) -> tuple[str, ...]:
-    return tuple("chunked_attention" if r else "full_attention" for r in self.no_rope_layers)
+    return tuple("chunked_attention" if r else "full_attention" for r in self.rope_flags)
 
   @property
   def layer_kinds(self) -> tuple[tuple[bool, bool], ...]:
     """(use_rope, is_moe) for every layer."""
-    return tuple((self.use_rope(i), self.is_moe(i)) for i in range(self.num_hidden_layers))
+    moe = set(self.moe_layer_ids)
+    return tuple((bool(r), i in moe) for i, r in enumerate(self.rope_flags))
 
   @property
   def layer_period(self) -> int:
@@ -196,7 +258,9 @@ class VisionConfig:
   hidden_act: str = "gelu"  # exact-erf GELU
 
   def __post_init__(self):
-    _require(self.hidden_act == "gelu", "vision_config.hidden_act", f"only 'gelu' is supported, got {self.hidden_act!r}")
+    _check_types(self, "vision_config.")
+    _require(self.hidden_act == "gelu", "vision_config.hidden_act",
+             f"only 'gelu' is supported, got {self.hidden_act!r}")
     _require(self.hidden_size % self.num_attention_heads == 0, "vision_config.num_attention_heads",
              f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
     _require((self.hidden_size // self.num_attention_heads) % 4 == 0, "vision_config.num_attention_heads",
@@ -208,8 +272,9 @@ class VisionConfig:
     inv = round(1 / r)
     _require(0 < r <= 1 and abs(1 / r - inv) < 1e-9 and side % inv == 0, "vision_config.pixel_shuffle_ratio",
              f"{r} must be 1/n with n dividing the patch grid side {side}")
-    _require(self.intermediate_size == round(self.hidden_size / (r * r)), "vision_config.intermediate_size",
-             f"{self.intermediate_size} must equal hidden_size / pixel_shuffle_ratio^2 = {round(self.hidden_size / (r * r))}")
+    width = round(self.hidden_size / (r * r))
+    _require(self.intermediate_size == width, "vision_config.intermediate_size",
+             f"{self.intermediate_size} must equal hidden_size / pixel_shuffle_ratio^2 = {width}")
     _require(self.projector_input_dim == self.projector_output_dim, "vision_config.projector_input_dim",
              f"{self.projector_input_dim} must equal projector_output_dim={self.projector_output_dim}")
     _require(self.vision_output_dim == self.projector_output_dim, "vision_config.vision_output_dim",
@@ -247,6 +312,7 @@ class Llama4Config:
   dtype: str = "bfloat16"  # dtype the checkpoint was saved in (torch_dtype / dtype)
 
   def __post_init__(self):
+    _check_types(self, "")
     _require(self.dtype in _DTYPES, "dtype", f"unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
     if self.vision is not None:
       _require(self.image_token_index < self.text.vocab_size, "image_token_index",
@@ -254,6 +320,7 @@ class Llama4Config:
 
 
 _DTYPES = {"float32", "bfloat16", "float16"}
+ATTENTION_IMPLS = ("auto", "blockwise", "cudnn", "splash", "xla", "dense")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,11 +333,14 @@ class Policy:
 
   param_dtype: str = "float32"  # storage dtype of parameters ("float32" master weights or "bfloat16")
   dtype: str = "float32"  # activation / matmul dtype
-  residual_dtype: str = "float32"  # dtype of the residual stream between layers (float32 keeps bf16 runs closer to fp32)
+  residual_dtype: str = "float32"  # residual stream dtype between layers (float32 keeps bf16 runs closer to fp32)
   matmul_precision: str = "highest"  # jax.lax.Precision for dots: "default" | "high" | "highest"
   moe_impl: str = "sorted"  # "sorted" (sparse, block-grouped) | "ragged" (lax.ragged_dot) | "dense" (oracle)
   moe_block: int = 128  # token block of the sorted grouped matmul
-  attention_impl: str = "xla"  # "xla" (einsum, chunk-local blocks) | "dense" (full T x T mask, oracle)
+  # "auto" (the backend's fused kernel: cudnn on GPU, splash on TPU, else blockwise) | "blockwise" (flash-style,
+  # pure JAX, O(T) memory) | "cudnn" | "splash" | "xla" (einsum, chunk-local blocks) | "dense" (full mask, oracle)
+  attention_impl: str = "auto"
+  attention_block: int = 512  # query / key block of the blockwise kernel
   scan_layers: bool = True  # lax.scan over repeating blocks of layers
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "minimal"
   fp8: str = "off"  # "off" | "train" (per-tensor e4m3/e5m2) | "inference" (rowwise, FBGEMM) | "auto" (see fp8.py)
@@ -278,12 +348,16 @@ class Policy:
   expert_fp8: bool = False  # routed expert weights held as float8_e4m3fn + per-output-channel scales (inference)
 
   def __post_init__(self):
+    _check_types(self, "policy.")
     for f in ("param_dtype", "dtype", "residual_dtype"):
       _require(getattr(self, f) in _DTYPES, f"policy.{f}", f"unknown dtype {getattr(self, f)!r}")
     _require(self.matmul_precision in ("default", "high", "highest"), "policy.matmul_precision",
              f"got {self.matmul_precision!r}")
     _require(self.moe_impl in ("sorted", "ragged", "dense"), "policy.moe_impl", f"got {self.moe_impl!r}")
-    _require(self.attention_impl in ("xla", "dense"), "policy.attention_impl", f"got {self.attention_impl!r}")
+    _require(self.attention_impl in ATTENTION_IMPLS, "policy.attention_impl",
+             f"got {self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    _require(self.attention_block > 0 and self.attention_block % 8 == 0, "policy.attention_block",
+             f"must be a positive multiple of 8, got {self.attention_block!r}")
     _require(self.remat in ("none", "full", "dots", "minimal"), "policy.remat", f"got {self.remat!r}")
     _require(self.moe_block > 0, "policy.moe_block", f"got {self.moe_block!r}")
     _require(self.fp8 in ("off", "train", "inference", "auto"), "policy.fp8", f"got {self.fp8!r}")
@@ -358,10 +432,34 @@ def _pick(d: Mapping[str, Any], fields: set[str]) -> dict:
   return {k: v for k, v in d.items() if k in fields}
 
 
+def _from_json(cls: type, kw: dict[str, Any]) -> dict[str, Any]:
+  """config.json values as `cls`'s field types: a list into a tuple for a tuple field, an integer into a
+  float for a float field. Anything else is left for the dataclass to validate."""
+  out = {}
+  for k, v in kw.items():
+    members = _members(_field_types(cls)[k])
+    if isinstance(v, list) and any(typing.get_origin(m) is tuple for m in members):
+      v = tuple(v)
+    elif isinstance(v, int) and not isinstance(v, bool) and float in members and int not in members:
+      v = float(v)
+    out[k] = v
+  return out
+
+
+def _default_layout(t: TextConfig) -> TextConfig:
+  """`t` with a materialised `no_rope_layers` / `moe_layers` equal to the default pattern stored as the
+  default ((), None): presets read back equal, and a later `num_hidden_layers` change re-derives them."""
+  if t.no_rope_layers == _every_nth_nope(t.num_hidden_layers, t.no_rope_layer_interval):
+    t = dataclasses.replace(t, no_rope_layers=())
+  if t.moe_layers == _every_nth_moe(t.num_hidden_layers, t.interleave_moe_layer_step):
+    t = dataclasses.replace(t, moe_layers=None)
+  return t
+
+
 def _text_from_dict(d: Mapping[str, Any]) -> TextConfig:
   mt = d.get("model_type", "llama4_text")
   _require(mt == "llama4_text", "text_config.model_type", f"expected 'llama4_text', got {mt!r}")
-  kw = _pick(d, _TEXT_FIELDS)
+  kw = _from_json(TextConfig, _pick(d, _TEXT_FIELDS))
   rp = d.get("rope_parameters")
   if rp is not None:  # 5.x spelling
     kw["rope_theta"] = float(rp.get("rope_theta", kw.get("rope_theta", 500000.0)))
@@ -376,13 +474,11 @@ def _text_from_dict(d: Mapping[str, Any]) -> TextConfig:
     # Some 4.5x fine-tune configs store an int here; transformers 5 rejects it, we read it as a flag.
     _require(isinstance(v, (bool, int)), "text_config.attn_temperature_tuning", f"expected a bool, got {v!r}")
     kw["attn_temperature_tuning"] = bool(v)
-  for f in ("no_rope_layers", "moe_layers"):
-    if f in kw and kw[f] is not None:
-      kw[f] = tuple(int(x) for x in kw[f])
-  if "eos_token_id" in kw:
-    kw["eos_token_id"] = _as_tuple(kw["eos_token_id"])
+  if "eos_token_id" in kw:  # transformers allows one id, a list of ids, or none
+    v = kw["eos_token_id"]
+    kw["eos_token_id"] = () if v is None else v if isinstance(v, tuple) else (v,)
   try:
-    return TextConfig(**kw)
+    return _default_layout(TextConfig(**kw))
   except TypeError as e:
     raise ConfigError(f"text_config: {e}") from None
 
@@ -390,13 +486,14 @@ def _text_from_dict(d: Mapping[str, Any]) -> TextConfig:
 def _vision_from_dict(d: Mapping[str, Any]) -> VisionConfig:
   mt = d.get("model_type", "llama4_vision_model")
   _require(mt == "llama4_vision_model", "vision_config.model_type", f"expected 'llama4_vision_model', got {mt!r}")
-  kw = _pick(d, _VISION_FIELDS)
+  kw = _from_json(VisionConfig, _pick(d, _VISION_FIELDS))
   rp = d.get("rope_parameters")
-  if rp is not None and "rope_theta" in rp:
+  if rp is not None and "rope_theta" in rp:  # 5.x spelling
     kw["rope_theta"] = float(rp["rope_theta"])
-  if "rope_theta" in kw:
-    kw["rope_theta"] = float(kw["rope_theta"])
-  return VisionConfig(**kw)
+  try:
+    return VisionConfig(**kw)
+  except TypeError as e:
+    raise ConfigError(f"vision_config: {e}") from None
 
 
 def _dtype_from(d: Mapping[str, Any], default: str) -> str:
@@ -441,8 +538,8 @@ def from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> Llama4Config
 def _text_to_dict(t: TextConfig, legacy: bool) -> dict:
   d = {f.name: getattr(t, f.name) for f in dataclasses.fields(TextConfig)}
   d["eos_token_id"] = list(t.eos_token_id)
-  d["no_rope_layers"] = list(t.no_rope_layers)
-  d["moe_layers"] = list(t.moe_layers)
+  d["no_rope_layers"] = list(t.rope_flags)  # transformers 5 expects the materialised layout
+  d["moe_layers"] = list(t.moe_layer_ids)
   rs = t.rope_scaling
   rs_dict = None if rs is None else {"rope_type": rs.rope_type, "factor": rs.factor,
                                      "low_freq_factor": rs.low_freq_factor,

@@ -6,16 +6,17 @@ model supplies (`dispatch`). Nothing here imports the model; the model imports `
 `routed_experts` from here.
 """
 
-from sharding.context import constrain, routed_experts, use
+from sharding.context import constrain, routed_experts, sequence_attention, use
 from sharding.mesh import MeshConfig, describe, initialize_distributed, make_mesh
 from sharding.params import batch_sharding, param_shardings, param_specs, shard_model
-from sharding.rules import (DATA_PARALLEL, EXPERT_PARALLEL, FSDP, FSDP_TP, INFERENCE, PRESETS, AxisCollision,
-                            ExpertDispatch, Rules, UnknownAxisName, preset)
+from sharding.rules import (CONTEXT_PARALLEL, DATA_PARALLEL, EXPERT_PARALLEL, FSDP, FSDP_TP, INFERENCE, PRESETS,
+                            AxisCollision, ExpertDispatch, Rules, SequenceDispatch, UnknownAxisName, preset,
+                            with_context)
 
 __all__ = [
-    "constrain", "routed_experts", "use",
+    "constrain", "routed_experts", "sequence_attention", "use",
     "MeshConfig", "describe", "initialize_distributed", "make_mesh",
     "batch_sharding", "param_shardings", "param_specs", "shard_model",
-    "DATA_PARALLEL", "EXPERT_PARALLEL", "FSDP", "FSDP_TP", "INFERENCE", "PRESETS", "AxisCollision",
-    "ExpertDispatch", "Rules", "UnknownAxisName", "preset",
+    "CONTEXT_PARALLEL", "DATA_PARALLEL", "EXPERT_PARALLEL", "FSDP", "FSDP_TP", "INFERENCE", "PRESETS",
+    "AxisCollision", "ExpertDispatch", "Rules", "SequenceDispatch", "UnknownAxisName", "preset", "with_context",
 ]

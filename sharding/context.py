@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import jax
 from jax.sharding import NamedSharding
 
-from sharding import dispatch
+from sharding import dispatch, sequence
 from sharding.rules import Rules
 
 
@@ -61,3 +61,14 @@ def routed_experts(local_fn: dispatch.LocalExperts, x: jax.Array, idx: jax.Array
   if ctx is None or ctx.rules.dispatch is None:
     return local_fn(x, idx, scores, weights, idx.size)
   return dispatch.routed_experts(ctx.rules, ctx.mesh, local_fn, x, idx, scores, weights, names, ctx.on_drop)
+
+
+def sequence_attention(kernel: sequence.SequenceKernel, q: jax.Array, k: jax.Array, v: jax.Array, info,
+                       chunk: int | None, aligned: bool) -> jax.Array:
+  """Self-attention of one layer (`kernel.attend` on the whole sequence), or, inside a `use` block whose rules
+  split the sequence (`act_seq`), context-parallel attention (`sharding.sequence`). `info`: (segment ids,
+  mask positions) [B, T]; `aligned`: mask positions equal token indices (no padding, no packing)."""
+  ctx = _ACTIVE.get()
+  if ctx is None or not ctx.rules.axes("act_seq"):
+    return kernel.attend(q, k, v, info, info, chunk, None)
+  return sequence.attention(ctx.rules, ctx.mesh, kernel, q, k, v, info, chunk, aligned)

@@ -1,7 +1,8 @@
-"""Device mesh from a small frozen config: axes (data, fsdp, expert, tensor), single or multi-host.
+"""Device mesh from a small frozen config: axes (data, fsdp, expert, context, tensor), single or multi-host.
 
 Axis order is major to minor: `data` spans hosts / slices first, `tensor` (the most talkative: two
-all-reduces per layer) lies on the closest devices, `expert` (all_to_all per MoE layer) next to it.
+all-reduces per layer) lies on the closest devices, `context` (ring or boundary ppermutes per attention
+layer) next to it, then `expert` (all_to_all per MoE layer).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from sharding.rules import MESH_AXES
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Sizes of the four mesh axes. Size 1 is allowed; one axis may be -1 (all remaining devices)."""
+  """Sizes of the five mesh axes. Size 1 is allowed; one axis may be -1 (all remaining devices)."""
 
   data: int = 1  # pure data-parallel replicas
   fsdp: int = -1  # parameter (ZeRO-3) sharding; also splits the batch
   expert: int = 1  # routed-expert sharding; also splits the batch
+  context: int = 1  # sequence sharding (context parallelism: rules with act_seq="context")
   tensor: int = 1  # heads / mlp width sharding
   # Of the `data` axis, the factor that crosses DCN (TPU slices, or GPU hosts): builds a hybrid mesh so
   # that only `data` traffic (one gradient all-reduce per step) leaves a slice / host. 1: single granule.

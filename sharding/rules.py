@@ -2,7 +2,8 @@
 mesh axis (or none) that dimension is split. Presets for the usual parallelism layouts.
 
 Mesh axes (see `sharding.mesh`): `data` (pure replicas), `fsdp` (ZeRO-3: parameters split, batch split),
-`expert` (routed experts split, batch split), `tensor` (Megatron heads / mlp split).
+`expert` (routed experts split, batch split), `context` (the sequence split: context parallelism,
+`sharding.sequence`), `tensor` (Megatron heads / mlp split).
 
 A rule value is `None` (replicated), one mesh axis, or -- the one sanctioned extension -- a tuple of
 mesh axes, meaning the dimension is split over their product (major to minor). The tuple exists for the
@@ -25,7 +26,7 @@ from typing import Mapping, Sequence, Union
 
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 Axis = Union[str, tuple[str, ...], None]
 
 
@@ -66,8 +67,22 @@ class ExpertDispatch:
 
 
 @dataclasses.dataclass(frozen=True)
+class SequenceDispatch:
+  """How global (NoPE) layers attend across the devices of the sequence axis (`sharding.sequence`)."""
+
+  global_layers: str = "auto"  # "auto" | "ring" | "all_gather"
+  gather_limit_bytes: int = 256 << 20  # "auto": gather when one layer's gathered keys + values fit in this
+
+  def __post_init__(self):
+    if self.global_layers not in ("auto", "ring", "all_gather"):
+      raise ValueError(f"SequenceDispatch.global_layers must be 'auto', 'ring' or 'all_gather', "
+                       f"got {self.global_layers!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Rules:
-  """Logical axis name -> mesh axis. Every field below except `name` and `dispatch` is a logical name."""
+  """Logical axis name -> mesh axis. Every field below except `name`, `dispatch` and `sequence` is a logical
+  name."""
 
   name: str = "custom"  # shown in error messages and plans
   # Parameters (names used by `llama4_jax.layers.param`).
@@ -102,6 +117,8 @@ class Rules:
   # Routed experts split over a mesh axis travel by this dispatch; None: the plain (GSPMD-partitioned)
   # computation with the expert weights gathered.
   dispatch: ExpertDispatch | None = dataclasses.field(default_factory=ExpertDispatch)
+  # Global layers of a sequence split over a mesh axis (act_seq) attend by this (`sharding.sequence`).
+  sequence: SequenceDispatch = dataclasses.field(default_factory=SequenceDispatch)
 
   def __post_init__(self):
     for name in LOGICAL_NAMES:
@@ -156,7 +173,7 @@ class Rules:
     return self.resolve(names, what=what)[0]
 
 
-LOGICAL_NAMES = tuple(f.name for f in dataclasses.fields(Rules) if f.name not in ("name", "dispatch"))
+LOGICAL_NAMES = tuple(f.name for f in dataclasses.fields(Rules) if f.name not in ("name", "dispatch", "sequence"))
 _NAME_SET = frozenset(LOGICAL_NAMES)
 
 
@@ -213,7 +230,18 @@ INFERENCE = Rules(name="inference", vocab="tensor", q_heads="tensor", kv_heads="
 """Serving: tensor parallel + expert parallel, no FSDP (no per-layer weight gathers). The batch is split
 over `data` only; the MoE dispatch splits each data shard's tokens over `expert` itself."""
 
-PRESETS = {r.name: r for r in (DATA_PARALLEL, FSDP, FSDP_TP, EXPERT_PARALLEL, INFERENCE)}
+CONTEXT_PARALLEL = Rules(name="context_parallel", embed="fsdp", experts="expert", act_batch=_BATCH, act_seq="context",
+                         **_FSDP_VISION)
+"""Long sequences: the sequence split over `context` (tokens stay split through every layer; attention
+communicates as `sharding.sequence` says), with FSDP over `fsdp` and routed experts over `expert`."""
+
+
+def with_context(rules: Rules) -> Rules:
+  """`rules` with the sequence split over the `context` axis as well (any preset: fsdp, fsdp_tp, ...)."""
+  return dataclasses.replace(rules, name=f"{rules.name}+context", act_seq="context")
+
+
+PRESETS = {r.name: r for r in (DATA_PARALLEL, FSDP, FSDP_TP, EXPERT_PARALLEL, INFERENCE, CONTEXT_PARALLEL)}
 
 
 def preset(name: str) -> Rules:

@@ -94,7 +94,7 @@ def test_restore_onto_other_meshes_and_dtype(tmp_path):
     for shape, names, tspecs in [((8,), ("data",), {"a": P(None, "data"), "b": {"c": P("data"), "d": P()}}),
                                  ((2, 4), ("p", "q"), {"a": P("q", None, "p"), "b": {"c": P(None, "q"), "d": P("p")}})]:
       m = mesh(shape, names)
-      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, s)),
+      target = jax.tree.map(lambda x, s, m=m: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, s)),
                             host, tspecs)
       got = c.restore(params_target=target)["params"]
       for x, t, h in zip(jax.tree.leaves(got), jax.tree.leaves(target), jax.tree.leaves(host)):
@@ -109,7 +109,7 @@ def test_restore_onto_other_meshes_and_dtype(tmp_path):
   np.testing.assert_array_equal(np.asarray(got["a"]), host["a"].astype(ml_dtypes.bfloat16))
 
 
-def test_save_params_and_load_model(model, tmp_path):
+def test_save_params_and_load(model, tmp_path):
   state = nnx.state(model)
   d = model_dir.save_params(tmp_path / "m", state, CFG)
   assert sorted(os.listdir(d)) == ["config.json", "llama4_jax.json", "params"]

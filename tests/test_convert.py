@@ -136,7 +136,7 @@ def test_dtype_cast_on_both_sides(hf, tmp_path):
   convert.hf_to_orbax(src, tmp_path / "ob", dtype="bfloat16")
   convert.orbax_to_hf(tmp_path / "ob", tmp_path / "back", dtype="float32")
   a, b = tensors_of(src), tensors_of(tmp_path / "back")
-  for k, (dt, x) in a.items():
+  for k, (_, x) in a.items():
     np.testing.assert_array_equal(b[k][1], x.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
   assert json.loads((tmp_path / "ob" / "config.json").read_text())["dtype"] == "bfloat16"
 

@@ -226,7 +226,8 @@ def test_logit_processing_matches_transformers_warpers():
 def test_sampling_keeps_to_the_allowed_set():
   logits = jnp.asarray(np.random.RandomState(1).normal(0, 2, (2, 50)).astype(np.float32))
   keys = jax.random.split(jax.random.key(0), 200)
-  draw = jax.jit(jax.vmap(lambda k, s=G.Sampling(1.0, top_k=3): G.choose(logits, k, s)))
+  top_k3 = G.Sampling(1.0, top_k=3)
+  draw = jax.jit(jax.vmap(lambda k: G.choose(logits, k, top_k3)))
   top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
   got = np.asarray(draw(keys))
   for b in range(2):

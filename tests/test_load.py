@@ -55,14 +55,14 @@ def test_missing_key(good, tmp_path):
   del index["weight_map"][KEY]
   (d / "model.safetensors.index.json").write_text(json.dumps(index))
   with pytest.raises(CheckpointError, match=f"{KEY}.*missing"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_key_listed_in_index_but_absent_from_shard(good, tmp_path):
   d = _copy(good, tmp_path)
   shard, _ = _edit_shard(d, KEY, lambda t: t.pop(KEY))
   with pytest.raises(CheckpointError, match=f"{shard.name}.*{KEY}"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_unexpected_key(good, tmp_path):
@@ -72,21 +72,21 @@ def test_unexpected_key(good, tmp_path):
   index["weight_map"][extra] = shard.name
   (d / "model.safetensors.index.json").write_text(json.dumps(index))
   with pytest.raises(CheckpointError, match=f"{shard.name}.*unexpected key '{extra}'"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_wrong_shape(good, tmp_path):
   d = _copy(good, tmp_path)
   shard, _ = _edit_shard(d, KEY, lambda t: t.update({KEY: t[KEY][:, :, :-2]}))
   with pytest.raises(CheckpointError, match=rf"{shard.name}.*{KEY}.*shape \[8, 64, 62\].*\[8, 64, 64\]"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_wrong_dtype(good, tmp_path):
   d = _copy(good, tmp_path)
   shard, _ = _edit_shard(d, KEY, lambda t: t.update({KEY: t[KEY].astype(np.int64)}))
   with pytest.raises(CheckpointError, match=f"{shard.name}.*{KEY}.*dtype I64"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_truncated_file(good, tmp_path):
@@ -96,7 +96,7 @@ def test_truncated_file(good, tmp_path):
   data = shard.read_bytes()
   shard.write_bytes(data[: len(data) - 100])
   with pytest.raises(CheckpointError, match=f"{shard.name}.*(truncated|unreadable)"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_corrupt_header(good, tmp_path):
@@ -105,7 +105,7 @@ def test_corrupt_header(good, tmp_path):
     shard = d / json.load(f)["weight_map"][KEY]
   shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage-header}")
   with pytest.raises(CheckpointError, match=f"{shard.name}.*unreadable"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_missing_shard(good, tmp_path):
@@ -114,7 +114,7 @@ def test_missing_shard(good, tmp_path):
     shard = d / json.load(f)["weight_map"][KEY]
   shard.unlink()
   with pytest.raises(CheckpointError, match=f"{shard.name}.*missing"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_config_disagrees_with_tensors(good, tmp_path):
@@ -123,7 +123,7 @@ def test_config_disagrees_with_tensors(good, tmp_path):
   cfg["intermediate_size"] = 48
   (d / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match="shape"):
-    load(d, dtype="float32").model
+    load(d, dtype="float32")
 
 
 def test_empty_directory(tmp_path):

@@ -1,7 +1,7 @@
 """Vision tower, pixel shuffle, adapter, projector and early fusion at parity with transformers (float32).
 
 One tiny random HF `Llama4ForConditionalGeneration` (TINY_SCOUT) is built per module; our model is loaded
-from its checkpoint with `load_hf`. Every forward is jitted once per input shape.
+from its checkpoint with `llama4_jax.load`. Every forward is jitted once per input shape.
 """
 
 from __future__ import annotations

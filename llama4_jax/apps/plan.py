@@ -151,7 +151,7 @@ def activation_bytes(cfg: Llama4Config, policy: Policy, rules: Rules, sizes: Map
   else:
     acts = (L // p) * t * b * D + sum(per_layer(i) for i in range(p))
   acts += (2 if work.train else 1) * t * t_cfg.vocab_size / tp_v * 4
-  if n_exp > 1 and t_cfg.moe_layers:
+  if n_exp > 1 and t_cfg.moe_layer_ids:
     acts += 4 * n_exp * t * k * D * b
   return int(acts), t
 

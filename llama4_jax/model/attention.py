@@ -14,10 +14,19 @@ layers, mpos_k // C == mpos_q // C.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
+from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from llama4_jax.config import ATTENTION_IMPLS
+from llama4_jax.model import blockwise, fused
+
+log = logging.getLogger(__name__)
 
 _NEG = -1e30  # finite: a fully masked (padding) query row yields a uniform, finite softmax
 
@@ -106,3 +115,96 @@ def chunk_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, info: TokenI
   ok &= (mpos_k[:, :, None, :] // C) == (mpos_q[:, :, :, None] // C)
   out = _attend(qb, kb, vb, ok, precision)  # [B, n, C, K, G, d]
   return out.reshape(B, n * C, H, d)[:, :T]
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the implementation
+
+
+_FUSED = {"gpu": "cudnn", "tpu": "splash"}
+
+
+@functools.cache
+def resolve(impl: str, platform: str) -> str:
+  """The implementation `Policy.attention_impl` means on `platform` ("cpu", "gpu", "tpu"): "auto" is the fused
+  kernel of the backend (cuDNN on GPU, splash on TPU), else blockwise; logged once. "cudnn" off a GPU is an
+  error; "splash" off a TPU runs in Pallas interpret mode (slow: for tests), with a warning."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"policy.attention_impl={impl!r}: unknown; choose one of {ATTENTION_IMPLS}")
+  if impl == "auto":
+    chosen = _FUSED.get(platform, "blockwise")
+    log.warning("attention_impl=auto on %s: %s", platform, chosen)
+    return chosen
+  if impl == "cudnn" and platform != "gpu":
+    raise ValueError(f"policy.attention_impl='cudnn' needs a GPU, this backend is {platform!r} "
+                     "(use 'auto' or 'blockwise')")
+  if impl == "splash" and platform != "tpu":
+    log.warning("attention_impl=splash on %s: the Pallas kernel runs interpreted (slow; for tests)", platform)
+  return impl
+
+
+@functools.cache
+def _note(msg: str) -> None:
+  log.warning(msg)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_info: TokenInfo, k_info: TokenInfo, chunk: int | None,
+           impl: str, packed: bool, precision=None, block: int = blockwise.DEFAULT_BLOCK) -> jax.Array:
+  """Attention by implementation `impl` (`Policy.attention_impl`, resolved for the backend), exact masks
+  whatever it is: q [B, T, H, d], k/v [B, S, K, d] -> [B, T, H, d]. `packed`: the rows hold packed documents
+  (segment ids given), which the fused kernels cannot always express (see `fused`); those layers, and
+  attention over other keys than the queries' own (a cache), run blockwise."""
+  impl = resolve(impl, jax.default_backend())
+  self_attn = q_info is k_info
+  if impl == "dense":
+    return attention(q, k, v, q_info, k_info, chunk, precision)
+  if impl == "xla":
+    if chunk is not None and self_attn and q.shape[1] > 2 * chunk:
+      return chunk_local_attention(q, k, v, q_info, chunk, precision)
+    return attention(q, k, v, q_info, k_info, chunk, precision)
+
+  def blocks(q, k, v):
+    return blockwise.attention(q, k, v, q_info, k_info, chunk, precision, block, block)
+
+  if impl == "blockwise" or not self_attn:
+    return blocks(q, k, v)
+  if packed and (impl == "cudnn" or chunk is not None):
+    _note(f"attention {impl}: {'chunked' if chunk else 'global'} layers of packed rows run blockwise "
+          f"({'no segment ids in cuDNN' if impl == 'cudnn' else 'the chunk grid restarts per document'})")
+    return blocks(q, k, v)
+  if impl == "cudnn":
+    def kernel(q, k, v):
+      return fused.cudnn(q, k, v, q_info.seg, chunk)
+  else:
+    interpret = jax.default_backend() != "tpu"
+
+    def kernel(q, k, v):
+      return fused.splash(q, k, v, q_info.seg, chunk, packed, interpret)
+  if packed:
+    return kernel(q, k, v)
+  return jax.lax.cond(fused.contiguous(q_info.seg), kernel, blocks, q, k, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """The model's attention arithmetic as `sharding.sequence_attention` calls it (`sharding.sequence.
+  SequenceKernel`): infos are (segment ids, mask positions) pairs; `starts` (first query index, first key
+  index) marks attention over other keys than the queries' own (a neighbour's chunk tail, a ring block)."""
+
+  impl: str  # Policy.attention_impl
+  packed: bool  # rows hold packed documents
+  precision: Any = None
+  block: int = blockwise.DEFAULT_BLOCK
+
+  def attend(self, q, k, v, q_info, k_info, chunk, starts):
+    qi = TokenInfo(*q_info)
+    ki = qi if k_info is q_info else TokenInfo(*k_info)
+    if starts is None:
+      return attend(q, k, v, qi, ki, chunk, self.impl, self.packed, self.precision, self.block)
+    return blockwise.attention(q, k, v, qi, ki, chunk, self.precision, self.block, self.block, starts)
+
+  def forward(self, q, k, v, q_info, k_info, chunk, starts):
+    return blockwise.forward(q, k, v, q_info, k_info, chunk, self.precision, self.block, starts)
+
+  def backward(self, q, k, v, q_info, k_info, out, lse, dout, chunk, starts):
+    return blockwise.backward(q, k, v, q_info, k_info, out, lse, dout, chunk, self.precision, self.block, starts)

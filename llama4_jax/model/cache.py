@@ -104,7 +104,7 @@ def kv_bytes(cfg: TextConfig, length: int, dtype="bfloat16") -> int:
   """K/V bytes of one sequence of `length` tokens: 2*K*d*itemsize * (L_global*length + L_chunked*min(length, C)).
   (The slot mask data adds 8 bytes per slot per kind, not per layer.)"""
   per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-  chunked = sum(cfg.no_rope_layers)
+  chunked = sum(cfg.rope_flags)
   full = cfg.num_hidden_layers - chunked
   return per_layer_token * (full * length + chunked * min(length, cfg.attention_chunk_size))
 

@@ -16,6 +16,7 @@ and the updated cache comes back in `Output.cache`.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import NamedTuple
 
 import jax
@@ -28,6 +29,7 @@ from llama4_jax.model import cache as cache_lib
 from llama4_jax.model import fp8, rope
 from llama4_jax.model import moe as moe_lib
 from llama4_jax.model.layers import einsum, fp8_param, normal, ones, param, precision, rms_norm, swiglu
+import sharding
 from sharding import constrain
 
 
@@ -40,6 +42,8 @@ class Context(NamedTuple):
   q_info: attn_lib.TokenInfo
   k_info: attn_lib.TokenInfo
   step: cache_lib.Step | None = None  # KV-cache bookkeeping of a cached forward (cache.py), else None
+  packed: bool = False  # static: rows hold packed documents (segment ids given)
+  aligned: bool = False  # static: mask positions are the token indices (no padding mask, no packing)
 
 
 class RMSNorm(nnx.Module):
@@ -84,13 +88,11 @@ class Attention(nnx.Module):
     if self.temperature:
       q = (q.astype(jnp.float32) * ctx.temp[:, :, None, None]).astype(q.dtype)
     prec = precision(p)
-    T = x.shape[1]
     if kv is not None and not ctx.step.prefill:
       out, kv = cache_lib.attend(q, k, v, kv, ctx.q_info, ctx.step, self.chunk, prec)
-    elif self.chunk is not None and p.attention_impl == "xla" and T > 2 * self.chunk and ctx.q_info is ctx.k_info:
-      out = attn_lib.chunk_local_attention(q, k, v, ctx.q_info, self.chunk, prec)
     else:
-      out = attn_lib.attention(q, k, v, ctx.q_info, ctx.k_info, self.chunk, prec)
+      kernel = attn_lib.Kernel(p.attention_impl, ctx.packed, prec, p.attention_block)
+      out = sharding.sequence_attention(kernel, q, k, v, ctx.q_info, self.chunk, ctx.aligned)
     if kv is not None and ctx.step.prefill:
       kv = cache_lib.store(kv, k, v, ctx.step, ring=self.chunk is not None)
     out = einsum("BTHd,HdD->BTD", out, self.o[...], p)
@@ -286,7 +288,9 @@ class TextModel(nnx.Module):
       temp_pos = idx
     cos, sin = rope.angles(rope_pos, rope.text_inv_freq(self.cfg))
     temp = attn_lib.temperature(temp_pos, self.cfg.floor_scale, self.cfg.attn_scale)
-    return Context(cos, sin, temp, info, info, step)
+    packed = segment_ids is not None
+    aligned = attention_mask is None and not packed and (cache is None or prefill)
+    return Context(cos, sin, temp, info, info, step, packed, aligned)
 
   def run_layers(self, h: jax.Array, ctx: Context, kv=None):
     """(h, router logits [L_moe, N, E] or None, updated kv or None). With `kv` (`KVCache.kv`: per layer of a
@@ -310,7 +314,7 @@ class TextModel(nnx.Module):
         outs = []
         n = jax.tree.leaves(state)[0].shape[0]
         for i in range(n):
-          h, r = body(h, jax.tree.map(lambda a: a[i], state))
+          h, r = body(h, jax.tree.map(operator.itemgetter(i), state))
           outs.append(r)
         rl = None if outs[0] is None else jnp.stack(outs)
     if rl is not None:  # [n_blocks, moe_per_block, N, E] -> [L_moe, N, E] in layer order

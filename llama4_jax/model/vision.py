@@ -21,6 +21,8 @@ The encoder layers are stacked on a leading "layers" axis and run with `jax.lax.
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,7 +276,7 @@ class VisionModel(nnx.Module):
       x, _ = jax.lax.scan(body, x, state)
     else:
       for i in range(cfg.num_hidden_layers):
-        x, _ = body(x, jax.tree.map(lambda a: a[i], state))
+        x, _ = body(x, jax.tree.map(operator.itemgetter(i), state))
     return drop_class_token(self.post_norm(x))
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:

@@ -8,9 +8,9 @@ Modules (import them directly):
   router       load-balancing loss for the sigmoid router, z-loss, expert load, selection-bias update
   state        the train state as pure dicts and the bridge to the NNX model
   step         train / eval steps (micro-batching, shardings)
-  checkpoints  train state <-> `llama4_jax.checkpoint.Checkpointer`
+  checkpoints  train state <-> `llama4_jax.io.checkpointer.Checkpointer`
   metrics      JSONL + TensorBoard, FLOPs and MFU, the progress bar
   plots        the loss-curve PNG
-  sample       a KV-cache-free sampler for the end of a run
-  loop         `run(experiment)`: the whole training run
+  budget       `run.time_budget_s`: the run length fitted to the time, refitted at each evaluation
+  loop         `run(experiment)`: the whole training run, in named stages
 """

@@ -2,14 +2,17 @@
 `--set a.b=value` overrides of any field.
 
 An experiment is one frozen `Experiment` built by a small Python file (`experiments/configs/*.py`,
-`get_config()`); everything is varied with `override`, which replaces nested frozen dataclasses.
+`get_config()`); everything is varied with `override`, which replaces nested frozen dataclasses and
+reads the value text as the field's declared type.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
+import functools
 import json
+import types
+import typing
 from typing import Any
 
 from llama4_jax import config as C
@@ -47,7 +50,7 @@ class DataConfig:
   "text" (plain text files, one document per file), "jsonl" (a text field per line), "chat" (chat JSONL,
   loss on assistant replies only)."""
 
-  source: str = "shakespeare"
+  source: str = "shakespeare"  # "shakespeare" | "text" | "jsonl" | "chat" (see above)
   train_paths: tuple[str, ...] = ()  # files of the train split (not for "shakespeare")
   val_paths: tuple[str, ...] = ()  # files of the validation split (not for "shakespeare")
   root: str = "data/shakespeare"  # the unpacked corpus of source "shakespeare"
@@ -85,15 +88,17 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
+  """One training run: the model and every run-time choice, varied field by field with `override`."""
+
   name: str  # run directory name
   model: C.Llama4Config  # architecture (a preset varied with dataclasses.replace)
   policy: C.Policy = C.FP32  # dtypes (param_dtype float32 + dtype bfloat16: fp32 master weights), remat
   mesh: MeshConfig = MeshConfig()  # device mesh (fsdp=-1: every device on the fsdp axis)
   rules: str = "fsdp"  # sharding preset (sharding.PRESETS)
-  optim: OptimConfig = OptimConfig()
-  moe: MoEConfig = MoEConfig()
-  data: DataConfig = DataConfig()
-  run: RunConfig = RunConfig()
+  optim: OptimConfig = OptimConfig()  # optimiser and learning-rate schedule
+  moe: MoEConfig = MoEConfig()  # router training signals
+  data: DataConfig = DataConfig()  # token source, tokenizer, batch shape
+  run: RunConfig = RunConfig()  # loop length, evaluation, checkpoints, logging
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,84 +106,117 @@ class Experiment:
 
 
 class OverrideError(ValueError):
-  """A `--set` that names no field or whose value does not parse; the message names both."""
+  """A `--set` that names no field or whose value does not parse; the message names the assignment, the
+  field and the type it expects."""
 
 
-def _parse(text: str, current: Any, where: str) -> Any:
-  """`text` read as the type of the field's current value."""
-  low = text.strip().lower()
-  if low in ("none", "null"):
+_TRUE, _FALSE, _NONE = ("true", "1", "yes", "on"), ("false", "0", "no", "off"), ("none", "null")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+  """The resolved annotation of every field of a config dataclass, in declaration order."""
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+  """(X, True) for an annotation `X | None`; (tp, False) for any other."""
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    rest = tuple(a for a in typing.get_args(tp) if a is not type(None))
+    if len(rest) == 1:
+      return rest[0], True
+  return tp, False
+
+
+def _type_name(tp: Any) -> str:
+  inner, nullable = _optional(tp)
+  if nullable:
+    return f"{_type_name(inner)} | None"
+  if typing.get_origin(tp) is tuple:
+    return f"tuple[{', '.join('...' if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))}]"
+  return getattr(tp, "__name__", str(tp))
+
+
+def _scalar(text: str, tp: Any) -> Any:
+  """A bool, int, float or str from text; ValueError when the text is not one."""
+  if tp is bool:
+    if text.strip().lower() in _TRUE + _FALSE:
+      return text.strip().lower() in _TRUE
+    raise ValueError(text)
+  if tp is int or tp is float:
+    return tp(text)
+  if tp is str:
+    return text
+  raise TypeError(tp)
+
+
+def _parse(text: str, tp: Any, field: str, where: str) -> Any:
+  """`text` read as a value of the annotation `tp` of `field`: bool (true/false, yes/no, on/off, 1/0), int,
+  float, str (as given), `X | None` ("none" / "null"), `tuple[X, ...]` (comma-separated, "" for ()), and a
+  `Llama4Config` by preset name (`C.PRESETS`)."""
+  inner, nullable = _optional(tp)
+  if nullable and text.strip().lower() in _NONE:
     return None
-  if isinstance(current, bool):
-    if low in ("true", "1", "yes", "on"):
-      return True
-    if low in ("false", "0", "no", "off"):
-      return False
-    raise OverrideError(f"{where}: expected a boolean, got {text!r}")
+  if inner is C.Llama4Config:
+    if text.strip() in C.PRESETS:
+      return C.PRESETS[text.strip()]
+    raise OverrideError(f"{where}: field {field!r} expects a preset name ({', '.join(C.PRESETS)}), got {text!r}; "
+                        f"or set its fields ({field}.text.num_hidden_layers=8)")
+  if dataclasses.is_dataclass(inner):
+    raise OverrideError(f"{where}: field {field!r} is a {inner.__name__}{' (or none)' if nullable else ''}; set its "
+                        f"fields as {field}.<field>=value, fields: {', '.join(_field_types(inner))}")
   try:
-    if isinstance(current, int):
-      return int(text)
-    if isinstance(current, float):
-      return float(text)
+    if typing.get_origin(inner) is tuple:
+      item = typing.get_args(inner)
+      if len(item) != 2 or item[1] is not Ellipsis:
+        raise TypeError(inner)
+      return tuple(_scalar(s.strip(), item[0]) for s in text.split(",") if s.strip())
+    return _scalar(text, inner)
   except ValueError:
-    raise OverrideError(f"{where}: expected a {type(current).__name__}, got {text!r}") from None
-  if isinstance(current, tuple):
-    if not text.strip():
-      return ()
-    items = [s.strip() for s in text.strip().strip("()[]").split(",") if s.strip()]
-    kind = type(current[0]) if current else (int if all(s.lstrip("-").isdigit() for s in items) else str)
-    return tuple(_parse(s, kind(), where) if kind is not str else s for s in items)
-  if isinstance(current, C.Llama4Config) and text in C.PRESETS:
-    return C.PRESETS[text]
-  if isinstance(current, str) or current is None:
-    try:
-      return ast.literal_eval(text) if current is None else text
-    except (ValueError, SyntaxError):
-      return text
-  raise OverrideError(f"{where}: cannot set a {type(current).__name__} from text (set its fields instead)")
+    form = " (comma-separated)" if typing.get_origin(inner) is tuple else ""
+    form += " (true/false, yes/no, on/off, 1/0)" if bool in (inner, *typing.get_args(inner)) else ""
+    raise OverrideError(f"{where}: field {field!r} expects {_type_name(tp)}{form}, got {text!r}") from None
+  except TypeError:
+    raise OverrideError(f"{where}: field {field!r} has type {_type_name(tp)}, which --set cannot parse") from None
 
 
-def _derived_defaults(text: C.TextConfig) -> dict:
-  """TextConfig fields that its __post_init__ derives: reset them when they still hold the derived value,
-  so that e.g. `model.text.num_hidden_layers=8` re-derives the layer pattern."""
-  fresh = C.TextConfig(**{**{f.name: getattr(text, f.name) for f in dataclasses.fields(text)},
-                          "no_rope_layers": (), "moe_layers": None})
-  out = {}
-  if text.no_rope_layers == fresh.no_rope_layers:
-    out["no_rope_layers"] = ()
-  if text.moe_layers == fresh.moe_layers:
-    out["moe_layers"] = None
-  return out
-
-
-def _replace(obj: Any, keys: list[str], text: str, where: str) -> Any:
-  if not dataclasses.is_dataclass(obj):
-    raise OverrideError(f"{where}: {type(obj).__name__} has no field {keys[0]!r}")
-  names = {f.name for f in dataclasses.fields(obj)}
-  if keys[0] not in names:
-    raise OverrideError(f"{where}: {type(obj).__name__} has no field {keys[0]!r}; fields: {sorted(names)}")
-  current = getattr(obj, keys[0])
+def _set(obj: Any, keys: list[str], text: str, path: str, where: str) -> Any:
+  """`obj` (a config dataclass) with the field at the dotted path `keys` set from `text`. A nested
+  dataclass that is None (`model.vision`, `model.text.rope_scaling`) starts from its defaults."""
+  fields = _field_types(type(obj))
+  name = keys[0]
+  field = f"{path}.{name}" if path else name
+  if name not in fields:
+    raise OverrideError(f"{where}: {type(obj).__name__} has no field {name!r} ({field}); "
+                        f"valid fields: {', '.join(fields)}")
+  tp = fields[name]
   if len(keys) == 1:
-    value = _parse(text, current, where)
+    value = _parse(text, tp, field, where)
   else:
-    if current is None and keys[0] == "vision" and isinstance(obj, C.Llama4Config):
-      current = C.VisionConfig()
-    value = _replace(current, keys[1:], text, where)
-  extra = _derived_defaults(obj) if isinstance(obj, C.TextConfig) else {}
-  extra.pop(keys[0], None)
+    inner, _ = _optional(tp)
+    if not dataclasses.is_dataclass(inner):
+      raise OverrideError(f"{where}: field {field!r} has type {_type_name(tp)}, not a dataclass with field {keys[1]!r}")
+    current = getattr(obj, name)
+    try:
+      current = inner() if current is None else current
+    except (TypeError, ValueError) as e:
+      raise OverrideError(f"{where}: field {field!r} is None and a default {inner.__name__} fails: {e}") from None
+    value = _set(current, keys[1:], text, field, where)
   try:
-    return dataclasses.replace(obj, **extra, **{keys[0]: value})
+    return dataclasses.replace(obj, **{name: value})
   except (TypeError, ValueError) as e:
     raise OverrideError(f"{where}: {e}") from None
 
 
 def override(exp: Experiment, assignment: str) -> Experiment:
-  """`exp` with one `path.to.field=value` applied (e.g. "optim.lr=1e-3", "model.text.num_hidden_layers=8",
-  "data.train_paths=a.txt,b.txt", "model=tiny-scout", "model.vision=none")."""
+  """`exp` with one `path.to.field=value` applied, the text parsed as the field's declared type (e.g.
+  "optim.lr=1e-3", "model.text.num_hidden_layers=8", "data.train_paths=a.txt,b.txt", "model=tiny-scout",
+  "model.vision=none", "model.text.rope_scaling.factor=8")."""
   key, sep, text = assignment.partition("=")
   if not sep:
     raise OverrideError(f"--set {assignment!r}: expected field=value")
-  return _replace(exp, key.strip().split("."), text, f"--set {assignment}")
+  return _set(exp, key.strip().split("."), text, "", f"--set {assignment}")
 
 
 def apply_overrides(exp: Experiment, assignments: list[str]) -> Experiment:

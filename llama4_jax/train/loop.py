@@ -13,21 +13,28 @@ Resuming (`resume=True`) restores parameters, optimizer state, selection biases,
 iterator from the latest checkpoint, so the run continues exactly as if it had never stopped.
 A non-finite loss or gradient norm stops the run (`TrainingDiverged`) before anything is saved from it:
 the last checkpoint on disk is the last good one.
+
+Stages of `run`: `setup` (mesh, rules, corpus, the abstract train state and its shardings, the jitted
+steps), `restore_or_init`, `Reporter` (records, progress bar, MFU), `budget.TimeBudget`
+(`run.time_budget_s`), `train_loop`, `finish` (last checkpoint, final evaluation, sample), `summarize` and
+`write_outputs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 
 import sharding
 from llama4_jax import config as config_lib
@@ -35,10 +42,11 @@ from llama4_jax.apps.generate import Sampling, generate_text
 from llama4_jax.io.checkpointer import Checkpointer
 from llama4_jax.io.load import load, resolve
 from llama4_jax.model import llama4
-from llama4_jax.model.counting import count_params
+from llama4_jax.model.counting import ParamCount, count_params
 from llama4_jax.model.text import enable_selection_bias
 from llama4_jax.train import checkpoints, data, metrics, optim, plots
 from llama4_jax.train import step as step_lib
+from llama4_jax.train.budget import TimeBudget, with_total_steps
 from llama4_jax.train.config import Experiment, to_dict
 from llama4_jax.train.state import ModelParts, TrainState
 
@@ -72,6 +80,117 @@ class DropMonitor:
     return v
 
 
+# --------------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+  """What the run needs, built before its first step."""
+
+  exp: Experiment
+  t_start: float  # the run's start (time.perf_counter)
+  run_dir: str  # out_dir/name, absolute
+  main: bool  # process 0: writes the files and the log
+  mesh: jax.sharding.Mesh
+  rules: sharding.Rules
+  cfg: config_lib.Llama4Config  # the architecture (`model_config`)
+  corpus: data.Corpus
+  counts: ParamCount  # total and active parameters
+  freeze: bool  # the vision tower and projector get no updates
+  parts: ModelParts  # abstract templates of the model's variable groups
+  tx: optax.GradientTransformation
+  shardings: TrainState  # the placement of every part of the train state
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
+  eval_step: Callable  # jitted (state, batch) -> {"ce_sum", "tokens"}
+  ck: Checkpointer
+  it: Any  # the checkpointable train-batch iterator
+  drops: DropMonitor
+
+
+def setup(exp: Experiment, devices, log, t_start: float) -> Setup:
+  """Mesh, rules, architecture, corpus (writes tokenizer.json, and experiment.json on process 0), the
+  abstract train state with its shardings, the jitted steps, the checkpointer and the batch iterator."""
+  if exp.policy.expert_fp8:
+    raise ValueError("policy.expert_fp8: FP8-stored expert weights are for inference; train with policy.fp8='train'")
+  run_dir = os.path.abspath(os.path.join(exp.run.out_dir, exp.name))
+  mesh = sharding.make_mesh(exp.mesh, devices)  # first: multi-host runs initialise jax.distributed here
+  main = jax.process_index() == 0
+  os.makedirs(run_dir, exist_ok=True)
+  rules = sharding.preset(exp.rules)
+  cfg, cfg_source = model_config(exp)
+  corpus = _load_corpus(exp, cfg, run_dir)
+  counts = count_params(cfg, exp.policy)
+  if main:
+    with open(os.path.join(run_dir, "experiment.json"), "w") as f:
+      json.dump(to_dict(exp), f, indent=2)
+    _log_setup(exp, corpus, cfg_source, counts, mesh, rules, log)
+  freeze = exp.run.freeze_vision and cfg.vision is not None
+  parts, tx = _abstract_parts(exp, cfg, freeze)
+  shardings = step_lib.state_shardings(parts, tx, rules, mesh)
+  batch_sh = sharding.batch_sharding(rules, mesh, (exp.data.batch_size, exp.data.seq_len))
+  train_step, eval_step = _jitted_steps(exp, cfg, parts, tx, shardings, batch_sh)
+  return Setup(exp=exp, t_start=t_start, run_dir=run_dir, main=main, mesh=mesh, rules=rules, cfg=cfg,
+               corpus=corpus, counts=counts, freeze=freeze, parts=parts, tx=tx, shardings=shardings,
+               batch_sharding=batch_sh, train_step=train_step, eval_step=eval_step,
+               ck=Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.run.keep),
+               it=data.train_iterator(corpus, exp.data), drops=DropMonitor())
+
+
+def _load_corpus(exp: Experiment, cfg: config_lib.Llama4Config, run_dir: str) -> data.Corpus:
+  """The tokenised splits; fails if the tokenizer has more tokens than the model has embeddings."""
+  corpus = data.load_corpus(exp.data, run_dir)
+  vocab = corpus.tokenizer.vocab_size
+  if vocab > cfg.text.vocab_size:
+    raise ValueError(f"the tokenizer has {vocab} tokens but the model only {cfg.text.vocab_size} embeddings "
+                     f"(set model.text.vocab_size >= {vocab})")
+  return corpus
+
+
+def _log_setup(exp: Experiment, corpus: data.Corpus, cfg_source: str, pc: ParamCount, mesh, rules, log) -> None:
+  n_train = sum(len(e["tokens"]) for e in corpus.train)
+  n_val = sum(len(e["tokens"]) for e in corpus.val)
+  log(f"[{exp.name}] {corpus.description}; tokenizer {corpus.tokenizer.vocab_size} tokens; {n_train:,} train / "
+      f"{n_val:,} validation tokens" + (f"; unigram baseline {corpus.unigram_baseline:.3f} nats/token"
+                                        if corpus.unigram_baseline is not None else ""))
+  log(f"[{exp.name}] model ({cfg_source}): {pc.total / 1e6:.2f}M parameters, {pc.active / 1e6:.2f}M active; "
+      f"mesh {dict(mesh.shape)} rules {rules.name}; policy {exp.policy.param_dtype}/{exp.policy.dtype} "
+      f"remat {exp.policy.remat}")
+
+
+def _abstract_parts(exp: Experiment, cfg, freeze: bool) -> tuple[ModelParts, optax.GradientTransformation]:
+  """The model's variable groups as abstract templates, and the optimizer over the trainable ones."""
+  # Setup happens outside the sharding context (nnx.eval_shape there would place logical names on the
+  # mesh); the jitted steps are traced inside it, at their first call.
+  abstract_model = llama4.abstract(cfg, exp.policy)
+  if exp.moe.bias_balancing:
+    enable_selection_bias(abstract_model)
+  parts, *_ = ModelParts.split(abstract_model, freeze)
+  return parts, optim.make(exp.optim, parts.params)
+
+
+def _jitted_steps(exp: Experiment, cfg, parts: ModelParts, tx, shardings: TrainState,
+                  batch_sh) -> tuple[Callable, Callable]:
+  """(train step, eval step), jitted with the state's and the batch's shardings (traced at the first call)."""
+  k = cfg.text.num_experts_per_tok
+  step_fn = step_lib.make_train_step(parts, tx, exp.optim, exp.moe, k, exp.optim.grad_accum)
+  return (step_lib.jit_train_step(step_fn, shardings, batch_sh),
+          step_lib.jit_eval_step(step_lib.make_eval_step(parts, k), shardings, batch_sh))
+
+
+# --------------------------------------------------------------------------------------------------
+# Restore or init
+
+
+def _new_state(exp: Experiment, tx: optax.GradientTransformation, params: dict, frozen: dict,
+               bias: dict) -> TrainState:
+  """Step 0 of the run from its parameters."""
+  key = jax.random.key_data(jax.random.key(exp.run.seed))
+  return TrainState(step=jnp.zeros((), jnp.int32), total_steps=jnp.asarray(exp.run.steps, jnp.int32),
+                    params=params, frozen=frozen, bias=bias, opt_state=tx.init(params), rng=key)
+
+
 def _fresh_params(exp: Experiment, cfg, rules, mesh, freeze: bool) -> tuple[dict, dict, dict]:
   """(params, frozen, bias) pure dicts, placed by the rules: random init, or loaded from `run.init_from`
   (every device reads its own slice; floating leaves cast to the policy's parameter dtype)."""
@@ -89,6 +208,123 @@ def _fresh_params(exp: Experiment, cfg, rules, mesh, freeze: bool) -> tuple[dict
   return params, frozen, bias
 
 
+def restore_or_init(s: Setup, resume: bool, log) -> tuple[TrainState, int | None]:
+  """(the state to start from, the checkpoint step it was restored from; None: a fresh state)."""
+  step = s.ck.latest_step() if resume else None
+  if step is not None:
+    return _restore(s, step, log), step
+  return _init(s, resume, log), None
+
+
+def _restore(s: Setup, step: int, log) -> TrainState:
+  """Checkpoint `step`'s state, and its position of the batch iterator. Without a time budget the run's
+  length follows `run.steps` (e.g. `--set run.steps=...` to extend the run)."""
+  exp = s.exp
+  templates = (nnx.to_pure_dict(s.parts.params), nnx.to_pure_dict(s.parts.frozen), nnx.to_pure_dict(s.parts.bias))
+  abstract = jax.eval_shape(functools.partial(_new_state, exp, s.tx), *templates)
+  state, data_state, _ = checkpoints.restore(s.ck, s.parts, s.shardings, abstract, step)
+  s.it.set_state(data_state)
+  if not exp.run.time_budget_s and int(state.total_steps) != exp.run.steps:
+    if s.main:
+      log(f"[{exp.name}] run length {int(state.total_steps)} -> {exp.run.steps} steps (run.steps)")
+    state = with_total_steps(state, exp.run.steps, s.shardings.total_steps)
+  if s.main:
+    log(f"[{exp.name}] resumed from step {step} of {int(state.total_steps)} ({s.ck.directory})")
+  return state
+
+
+def _init(s: Setup, resume: bool, log) -> TrainState:
+  """A fresh state (random or `run.init_from` parameters); refuses a directory that holds checkpoints
+  unless resuming."""
+  exp = s.exp
+  if resume and s.main:
+    log(f"[{exp.name}] --resume: no checkpoint in {s.ck.directory}, starting from scratch")
+  if s.ck.latest_step() is not None and not resume:
+    raise FileExistsError(f"{s.ck.directory} already holds checkpoints (steps {s.ck.all_steps()}): pass --resume "
+                          "to continue that run, or choose another name / out_dir")
+  make_state = jax.jit(functools.partial(_new_state, exp, s.tx), out_shardings=s.shardings)
+  state = make_state(*_fresh_params(exp, s.cfg, s.rules, s.mesh, s.freeze))
+  if s.main and exp.run.init_from:
+    log(f"[{exp.name}] parameters from {exp.run.init_from}" + (" (vision tower frozen)" if s.freeze else ""))
+  return state
+
+
+def _save(s: Setup, state: TrainState, force: bool = False) -> None:
+  meta = {"config": config_lib.to_hf(s.cfg), "experiment": to_dict(s.exp)}
+  checkpoints.save(s.ck, state, s.it.get_state(), meta, force=force)
+
+
+# --------------------------------------------------------------------------------------------------
+# Records and console
+
+
+class Reporter:
+  """metrics.jsonl / TensorBoard records and the progress bar on process 0 (the other processes write
+  nothing), with throughput and MFU from the model's FLOPs per token and the devices' peak."""
+
+  def __init__(self, s: Setup, start: int, total: int, resumed: bool, log):
+    """Opens the writer (on resume, dropping records of steps after `start`) and the bar; logs the FLOPs."""
+    exp = self.exp = s.exp
+    self.drops = s.drops
+    self.writer = metrics.MetricWriter(s.run_dir, purge_after=start if resumed else None) if s.main else None
+    self.flops_tok = metrics.flops_per_token(s.cfg, exp.data.seq_len, s.counts.active)
+    self.peak, peak_src = metrics.peak_flops(exp.run.peak_flops, list(s.mesh.devices.flat))
+    self.tokens_per_step = exp.data.batch_size * exp.data.seq_len
+    if s.main:
+      log(f"[{exp.name}] {self.flops_tok / 1e6:.1f} MFLOP/token; peak {self.peak / 1e12:.2f} TFLOP/s ({peak_src}); "
+          f"{total} steps of {self.tokens_per_step:,} tokens")
+    self.progress = metrics.Progress(total, start) if s.main else None
+
+  def train(self, step: int, m: dict, dt: float, log_now: bool) -> None:
+    """The step's record; on logging steps also its TensorBoard scalars and the per-layer expert load."""
+    tok_s = self.tokens_per_step / dt
+    rec = {"split": "train", "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
+           "balance": m["balance"], "z_loss": m["z_loss"], "tokens": m["tokens"], "step_s": dt,
+           "tokens_per_s": tok_s, "mfu": tok_s * self.flops_tok / self.peak, "load": m["load"],
+           "dropped": self.drops.take()}
+    if not self.writer:
+      return
+    self.writer.write(step, rec, tb_prefix="train" if log_now else None)
+    if log_now and np.size(m["load"]):
+      E = m["load"].shape[-1]
+      self.writer.scalars(step, {f"experts/max_load_layer{i}": E * row.max() for i, row in enumerate(m["load"])})
+      self.writer.scalars(step, {f"experts/min_load_layer{i}": E * row.min() for i, row in enumerate(m["load"])})
+
+  def val(self, step: int, val: dict) -> None:
+    if self.writer:
+      self.writer.write(step, {"split": "val", **val}, tb_prefix="val")
+
+  def line(self, step: int, m: dict, val: dict | None, recent_s: list[float]) -> None:
+    """The progress bar at `step`: throughput over the `recent_s` step times, the latest validation loss."""
+    if not self.progress:
+      return
+    rate = self.tokens_per_step / float(np.mean(recent_s))
+    text = (f"loss {float(m['loss']):.3f}" + (f" val {val['loss']:.3f}" if val else "")
+            + f" | {rate / 1e3:.1f}k tok/s MFU {rate * self.flops_tok / self.peak:.0%} | lr {float(m['lr']):.1e}"
+            + f" gnorm {float(m['grad_norm']):.2f}" + (f" bal {float(m['balance']):.2f}" if np.size(m["load"]) else ""))
+    self.progress.update(step, text)
+
+  def end_loop(self, stopped_early: str) -> None:
+    if self.progress:
+      self.progress.close()
+      if stopped_early:
+        self.progress.message(f"[{self.exp.name}] {stopped_early}")
+
+  def abort(self) -> None:
+    """Closes the bar and the writer of a run that stops with an error."""
+    if self.progress:
+      self.progress.close()
+    if self.writer:
+      self.writer.close()
+
+  def train_records(self) -> list[dict]:
+    return [r for r in metrics.read_jsonl(self.writer.path) if r.get("split") == "train"] if self.writer else []
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
 def _global(batch: dict, batch_sharding) -> dict:
   """This process's rows -> global arrays split over the data axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
@@ -96,6 +332,7 @@ def _global(batch: dict, batch_sharding) -> dict:
 
 
 def evaluate(eval_fn, state: TrainState, batches, batch_sharding) -> dict:
+  """Token-weighted mean cross-entropy ("loss"), its perplexity and the token count over `batches`."""
   ce, n = 0.0, 0.0
   for b in batches:
     out = jax.device_get(eval_fn(state, _global(b, batch_sharding)))
@@ -104,258 +341,179 @@ def evaluate(eval_fn, state: TrainState, batches, batch_sharding) -> dict:
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n}
 
 
-BUDGET_PROBE_STEPS = 5  # steps timed (after the compiling one) before `run.time_budget_s` first fixes the length
+@dataclasses.dataclass
+class StepTimes:
+  """Wall times of the train steps, the first (compiling) one apart."""
+
+  compile_s: float | None = None  # the first step's, compilation included
+  steady: list[float] = dataclasses.field(default_factory=list)  # every later step's
+
+  def add(self, dt: float) -> None:
+    if self.compile_s is None:
+      self.compile_s = dt
+    else:
+      self.steady.append(dt)
 
 
-def budgeted_steps(exp: Experiment, step: int, per_step_s: float, elapsed_s: float) -> int:
-  """The run's length under `run.time_budget_s`: `step` plus as many steps of `per_step_s` (wall time per
-  step, periodic evaluations and checkpoints included) as fit in what is left of the budget after
-  `run.final_reserve_s` (final evaluation, checkpoint, sample); at most `run.steps`. Called after step `step`
-  ran, so at least one more step (run on the refitted schedule's last, floor learning rate) when the budget
-  is already spent."""
-  r = exp.run
-  left = r.time_budget_s - elapsed_s - r.final_reserve_s
-  return int(min(r.steps, max(step + 1, step + left // per_step_s)))
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  times: StepTimes
+  stopped_early: str  # why the loop ended before the run's last step ("": it did not)
 
 
-def probe_step_s(exp: Experiment, train_step_s: float) -> float:
-  """Wall time per step predicted from the first train steps alone: the periodic validation passes
-  added (a validation batch costs about a third of a train step)."""
-  r = exp.run
-  return train_step_s * (1.0 + (r.eval_batches / (3.0 * r.eval_every) if r.eval_every else 0.0))
+def _train_step(s: Setup, state: TrainState) -> tuple[TrainState, dict, float]:
+  """(state, host metrics, wall time of the step, the batch's placement excluded) on the next batch."""
+  batch = _global(next(s.it), s.batch_sharding)
+  t0 = time.perf_counter()
+  state, m = s.train_step(state, batch)
+  m = jax.device_get(m)
+  return state, m, time.perf_counter() - t0
 
 
 def _finite(*xs) -> bool:
   return all(math.isfinite(float(x)) for x in xs)
 
 
+def _check_finite(s: Setup, rep: Reporter, step: int, m: dict) -> None:
+  """Raises `TrainingDiverged` on a NaN/inf loss or gradient norm, once pending checkpoint writes ended."""
+  if _finite(m["loss"], m["grad_norm"]):
+    return
+  s.ck.wait()
+  last = s.ck.latest_step()
+  rep.abort()
+  raise TrainingDiverged(
+      f"step {step}: loss {float(m['loss'])}, gradient norm {float(m['grad_norm'])}: training diverged and "
+      f"was stopped; nothing from this step was saved. Last good checkpoint: "
+      + (f"step {last} in {s.ck.directory} (continue from it with --resume, e.g. with a lower "
+         f"optim.lr)" if last is not None else "none (no checkpoint had been written yet)"))
+
+
+def _due(every: int, step: int, total: int) -> bool:
+  """Whether a periodic evaluation / checkpoint falls on `step` (the last step gets its own in `finish`)."""
+  return bool(every) and step % every == 0 and step != total
+
+
+def _past_time_limit(s: Setup, step: int, total: int) -> bool:
+  limit = s.exp.run.time_limit_s
+  return bool(limit) and time.perf_counter() - s.t_start > limit and step != total
+
+
+def train_loop(s: Setup, state: TrainState, budget: TimeBudget, rep: Reporter) -> LoopResult:
+  """Steps up to the run's length (refitted by the time budget) or the time limit: each step checked for
+  divergence and recorded; at their periods, evaluations (then a budget refit) and checkpoints."""
+  r = s.exp.run
+  times, stopped_early = StepTimes(), ""
+  step, total, val = int(state.step), int(state.total_steps), None
+  while step < total:
+    step += 1
+    state, m, dt = _train_step(s, state)
+    times.add(dt)
+    _check_finite(s, rep, step, m)
+    state, total = budget.fit_after_step(state, step, times.steady, total)
+    log_now = step % r.log_every == 0 or step == total
+    rep.train(step, m, dt, log_now)
+    if _due(r.eval_every, step, total):
+      val = evaluate(s.eval_step, state, data.eval_batches(s.corpus, s.exp.data, r.eval_batches), s.batch_sharding)
+      rep.val(step, val)
+      state, total = budget.fit_after_eval(state, step, total)
+    if log_now:
+      rep.line(step, m, val, times.steady[-r.log_every:] or [dt])
+    if _due(r.ckpt_every, step, total):
+      _save(s, state)
+    if _past_time_limit(s, step, total):
+      stopped_early = f"time limit {r.time_limit_s:.0f}s reached at step {step}"
+      break
+  rep.end_loop(stopped_early)
+  return LoopResult(state, times, stopped_early)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finish
+
+
+def _sample(s: Setup, state: TrainState) -> str:
+  """`run.sample_tokens` tokens after `run.sample_prompt`, drawn from the run's random stream."""
+  r = s.exp.run
+  model = s.parts.merge(state.params, state.frozen, state.bias)
+  return generate_text(model, s.corpus.tokenizer, [r.sample_prompt], chat=False, max_new_tokens=r.sample_tokens,
+                       sampling=Sampling(r.sample_temperature), seed=jax.random.wrap_key_data(state.rng))[0]
+
+
+def finish(s: Setup, state: TrainState, start: int) -> tuple[dict, str]:
+  """(final validation over the whole split, the closing sample): after the last checkpoint (unless the
+  run took no step since the one it resumed from), and before the checkpointer closes."""
+  if int(state.step) > start or s.ck.latest_step() is None:
+    _save(s, state, force=True)
+  val = evaluate(s.eval_step, state, data.eval_batches(s.corpus, s.exp.data), s.batch_sharding)
+  text = _sample(s, state) if s.exp.run.sample_prompt else ""
+  s.ck.wait()
+  s.ck.close()
+  return val, text
+
+
+def summarize(s: Setup, rep: Reporter, result: LoopResult, val: dict, text: str, phases_s: dict) -> dict:
+  """The summary: final losses, throughput over the steady steps, `phases_s` (setup / loop / final)."""
+  exp, steady = s.exp, result.times.steady
+  train_recs = rep.train_records()
+  last = train_recs[-max(1, min(len(train_recs), exp.run.log_every * 5)):]
+  mean_step = float(np.mean(steady)) if steady else float("nan")
+  return {
+      "name": exp.name, "steps": int(result.state.step), "stopped_early": result.stopped_early or None,
+      "train_loss": float(np.mean([r["loss"] for r in last])) if last else None,
+      "val_loss": val["loss"], "val_perplexity": val["perplexity"], "val_tokens": val["tokens"],
+      "unigram_baseline": s.corpus.unigram_baseline,
+      "tokens_per_s": rep.tokens_per_step / mean_step if steady else None,
+      "mfu": rep.tokens_per_step * rep.flops_tok / mean_step / rep.peak if steady else None,
+      "peak_flops": rep.peak, "compile_and_first_step_s": result.times.compile_s,
+      **phases_s, "wall_s": time.perf_counter() - s.t_start,
+      "params": s.counts.total, "active_params": s.counts.active, "sample_prompt": exp.run.sample_prompt,
+      "sample": text, "run_dir": s.run_dir,
+  }
+
+
+def write_outputs(s: Setup, rep: Reporter, summary: dict, log) -> None:
+  """Process 0: the final metrics record, summary.json, loss.png and the closing log lines."""
+  if not rep.writer:
+    return
+  exp, run_dir = s.exp, s.run_dir
+  rep.writer.write(summary["steps"], {"split": "final", **{k: v for k, v in summary.items() if k != "run_dir"}})
+  rep.writer.close()
+  with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  baseline = s.corpus.unigram_baseline
+  png = plots.loss_curve(metrics.read_jsonl(rep.writer.path), os.path.join(run_dir, "loss.png"),
+                         baseline=baseline, title=exp.name)
+  base = f" (unigram baseline {baseline:.3f})" if baseline is not None else ""
+  log(f"[{exp.name}] step {summary['steps']}: train loss {summary['train_loss']:.3f}, validation loss "
+      f"{summary['val_loss']:.3f}{base}, perplexity {summary['val_perplexity']:.1f}; "
+      + (f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}; " if summary["tokens_per_s"] is not None
+         else "")
+      + f"{summary['wall_s']:.0f}s in all")
+  log(f"[{exp.name}] wrote {run_dir}/ (checkpoints/, metrics.jsonl, tensorboard/, {os.path.basename(png)})")
+  if summary["sample"]:
+    log(f"[{exp.name}] sample:\n{exp.run.sample_prompt}{summary['sample']}")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
 def run(exp: Experiment, resume: bool = False, log=print, devices=None) -> dict:
   """Trains `exp`; returns the summary (also written to summary.json). `devices`: the mesh's devices
   (default: all devices of all processes)."""
   t_start = time.perf_counter()
-  if exp.policy.expert_fp8:
-    raise ValueError("policy.expert_fp8: FP8-stored expert weights are for inference; train with policy.fp8='train'")
-  run_dir = os.path.abspath(os.path.join(exp.run.out_dir, exp.name))
-  mesh = sharding.make_mesh(exp.mesh, devices)  # first: multi-host runs initialise jax.distributed here
-  main = jax.process_index() == 0
-  os.makedirs(run_dir, exist_ok=True)
-  drops = DropMonitor()
-  rules = sharding.preset(exp.rules)
-  cfg, cfg_source = model_config(exp)
-
-  corpus = data.load_corpus(exp.data, run_dir)
-  vocab = corpus.tokenizer.vocab_size
-  if vocab > cfg.text.vocab_size:
-    raise ValueError(f"the tokenizer has {vocab} tokens but the model only {cfg.text.vocab_size} embeddings "
-                     f"(set model.text.vocab_size >= {vocab})")
-  n_train = sum(len(e["tokens"]) for e in corpus.train)
-  n_val = sum(len(e["tokens"]) for e in corpus.val)
-  pc = count_params(cfg, exp.policy)
-  if main:
-    with open(os.path.join(run_dir, "experiment.json"), "w") as f:
-      json.dump(to_dict(exp), f, indent=2)
-    log(f"[{exp.name}] {corpus.description}; tokenizer {vocab} tokens; {n_train:,} train / {n_val:,} validation "
-        f"tokens" + (f"; unigram baseline {corpus.unigram_baseline:.3f} nats/token"
-                     if corpus.unigram_baseline is not None else ""))
-    log(f"[{exp.name}] model ({cfg_source}): {pc.total / 1e6:.2f}M parameters, {pc.active / 1e6:.2f}M active; "
-        f"mesh {dict(mesh.shape)} rules {rules.name}; policy {exp.policy.param_dtype}/{exp.policy.dtype} "
-        f"remat {exp.policy.remat}")
-
-  freeze = exp.run.freeze_vision and cfg.vision is not None
-  D = exp.data
-  # Setup happens outside the sharding context (nnx.eval_shape there would place logical names on the
-  # mesh); the jitted steps are traced inside it, at their first call.
-  abstract_model = llama4.abstract(cfg, exp.policy)
-  if exp.moe.bias_balancing:
-    enable_selection_bias(abstract_model)
-  parts, *_ = ModelParts.split(abstract_model, freeze)
-  tx = optim.make(exp.optim, parts.params)
-  shardings = step_lib.state_shardings(parts, tx, rules, mesh)
-  batch_sh = sharding.batch_sharding(rules, mesh, (D.batch_size, D.seq_len))
-
-  def new_state(params, frozen, bias):
-    key = jax.random.key_data(jax.random.key(exp.run.seed))
-    return TrainState(step=jnp.zeros((), jnp.int32), total_steps=jnp.asarray(exp.run.steps, jnp.int32),
-                      params=params, frozen=frozen, bias=bias,
-                      opt_state=tx.init(params), rng=key)
-
-  make_state = jax.jit(new_state, out_shardings=shardings)
-  ck = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.run.keep)
-  it = data.train_iterator(corpus, D)
-  resumed_from = ck.latest_step() if resume else None
-  if resumed_from is not None:
-    abstract = jax.eval_shape(new_state, nnx.to_pure_dict(parts.params), nnx.to_pure_dict(parts.frozen),
-                              nnx.to_pure_dict(parts.bias))
-    state, data_state, _ = checkpoints.restore(ck, parts, shardings, abstract, resumed_from)
-    it.set_state(data_state)
-    if not exp.run.time_budget_s and int(state.total_steps) != exp.run.steps:  # e.g. --set run.steps=... to extend
-      if main:
-        log(f"[{exp.name}] run length {int(state.total_steps)} -> {exp.run.steps} steps (run.steps)")
-      state = dataclasses.replace(state, total_steps=jax.device_put(jnp.asarray(exp.run.steps, jnp.int32),
-                                                                    shardings.total_steps))
-    if main:
-      log(f"[{exp.name}] resumed from step {resumed_from} of {int(state.total_steps)} ({ck.directory})")
-  else:
-    if resume and main:
-      log(f"[{exp.name}] --resume: no checkpoint in {ck.directory}, starting from scratch")
-    if ck.latest_step() is not None and not resume:
-      raise FileExistsError(f"{ck.directory} already holds checkpoints (steps {ck.all_steps()}): pass --resume "
-                            "to continue that run, or choose another name / out_dir")
-    state = make_state(*_fresh_params(exp, cfg, rules, mesh, freeze))
-    if main and exp.run.init_from:
-      log(f"[{exp.name}] parameters from {exp.run.init_from}" + (" (vision tower frozen)" if freeze else ""))
-  start = int(state.step)
-
-  step_fn = step_lib.make_train_step(parts, tx, exp.optim, exp.moe, cfg.text.num_experts_per_tok, exp.optim.grad_accum)
-  train_fn = step_lib.jit_train_step(step_fn, shardings, batch_sh)
-  eval_fn = step_lib.jit_eval_step(step_lib.make_eval_step(parts, cfg.text.num_experts_per_tok), shardings,
-                                   batch_sh)
-  writer = metrics.MetricWriter(run_dir, purge_after=start if resumed_from is not None else None) if main else None
-  flops_tok = metrics.flops_per_token(cfg, D.seq_len, pc.active)
-  peak, peak_src = metrics.peak_flops(exp.run.peak_flops, list(mesh.devices.flat))
-  tokens_per_step = D.batch_size * D.seq_len
-  if main:
-    log(f"[{exp.name}] {flops_tok / 1e6:.1f} MFLOP/token; peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); "
-        f"{int(state.total_steps)} steps of {tokens_per_step:,} tokens")
-  total = int(state.total_steps)
-  progress = metrics.Progress(total, start) if main else None
-
-  def meta() -> dict:
-    return {"config": config_lib.to_hf(cfg), "experiment": to_dict(exp)}
-
-  def save(force=False):
-    checkpoints.save(ck, state, it.get_state(), meta(), force=force)
-
-  with sharding.use(rules, mesh, on_drop=drops.on_drop):
-    val = None
-    step_times: list[float] = []
-    compile_s = None
-    stopped_early = ""
+  s = setup(exp, devices, log, t_start)
+  state, resumed_from = restore_or_init(s, resume, log)
+  start, resumed = int(state.step), resumed_from is not None
+  rep = Reporter(s, start, int(state.total_steps), resumed, log)
+  budget = TimeBudget(exp, start, t_start, resumed, s.shardings.total_steps, rep.progress)
+  with sharding.use(s.rules, s.mesh, on_drop=s.drops.on_drop):
     t_loop = time.perf_counter()
-    t_probe = step_probe = None  # when and at which step the time budget was first fitted
-
-    def set_total(n: int) -> int:
-      nonlocal state
-      if jax.process_count() > 1:  # every host must run the same number of steps: process 0's clock decides
-        n = int(multihost_utils.broadcast_one_to_all(np.int32(n)))
-      state = dataclasses.replace(state, total_steps=jax.device_put(jnp.asarray(n, jnp.int32),
-                                                                    shardings.total_steps))
-      if progress:
-        progress.total = n
-      return n
-
-    step = start
-    while step < total:
-      step += 1
-      batch = _global(next(it), batch_sh)
-      t0 = time.perf_counter()
-      state, m = train_fn(state, batch)
-      m = jax.device_get(m)
-      dt = time.perf_counter() - t0
-      if compile_s is None:
-        compile_s = dt
-      else:
-        step_times.append(dt)
-      if not _finite(m["loss"], m["grad_norm"]):
-        ck.wait()
-        last = ck.latest_step()
-        if progress:
-          progress.close()
-        if writer:
-          writer.close()
-        raise TrainingDiverged(
-            f"step {step}: loss {float(m['loss'])}, gradient norm {float(m['grad_norm'])}: training diverged and "
-            f"was stopped; nothing from this step was saved. Last good checkpoint: "
-            + (f"step {last} in {ck.directory} (continue from it with --resume, e.g. with a lower "
-               f"optim.lr)" if last is not None else "none (no checkpoint had been written yet)"))
-      if exp.run.time_budget_s and step == start + 1 + BUDGET_PROBE_STEPS and resumed_from is None:
-        t_probe, step_probe = time.perf_counter(), step
-        total = set_total(budgeted_steps(exp, step, probe_step_s(exp, float(np.mean(step_times))),
-                                         t_probe - t_start))
-        if progress:
-          progress.message(f"[{exp.name}] time budget {exp.run.time_budget_s:.0f}s: {np.mean(step_times):.2f}s per "
-                           f"step measured -> {total} steps in all (at most run.steps={exp.run.steps}); refitted "
-                           f"at each evaluation")
-      tok_s = tokens_per_step / dt
-      rec = {"split": "train", "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
-             "balance": m["balance"], "z_loss": m["z_loss"], "tokens": m["tokens"], "step_s": dt,
-             "tokens_per_s": tok_s, "mfu": tok_s * flops_tok / peak, "load": m["load"],
-             "dropped": drops.take()}
-      log_now = step % exp.run.log_every == 0 or step == total
-      if writer:
-        writer.write(step, rec, tb_prefix="train" if log_now else None)
-        if log_now and np.size(m["load"]):
-          E = m["load"].shape[-1]
-          writer.scalars(step, {f"experts/max_load_layer{i}": E * row.max() for i, row in enumerate(m["load"])})
-          writer.scalars(step, {f"experts/min_load_layer{i}": E * row.min() for i, row in enumerate(m["load"])})
-      if exp.run.eval_every and step % exp.run.eval_every == 0 and step != total:
-        val = evaluate(eval_fn, state, data.eval_batches(corpus, D, exp.run.eval_batches), batch_sh)
-        if writer:
-          writer.write(step, {"split": "val", **val}, tb_prefix="val")
-        if t_probe is not None and step > step_probe:  # the measured wall time per step, evaluations included
-          now = time.perf_counter()
-          total = set_total(budgeted_steps(exp, step, (now - t_probe) / (step - step_probe), now - t_start))
-      if progress and log_now:
-        recent = step_times[-exp.run.log_every:] or [dt]
-        rate = tokens_per_step / float(np.mean(recent))
-        text = (f"loss {float(m['loss']):.3f}" + (f" val {val['loss']:.3f}" if val else "")
-                + f" | {rate / 1e3:.1f}k tok/s MFU {rate * flops_tok / peak:.0%} | lr {float(m['lr']):.1e}"
-                + f" gnorm {float(m['grad_norm']):.2f}" + (f" bal {float(m['balance']):.2f}" if np.size(m["load"]) else ""))
-        progress.update(step, text)
-      if exp.run.ckpt_every and step % exp.run.ckpt_every == 0 and step != total:
-        save()
-      if exp.run.time_limit_s and time.perf_counter() - t_start > exp.run.time_limit_s and step != total:
-        stopped_early = f"time limit {exp.run.time_limit_s:.0f}s reached at step {step}"
-        break
-    if progress:
-      progress.close()
-      if stopped_early:
-        progress.message(f"[{exp.name}] {stopped_early}")
-
+    result = train_loop(s, state, budget, rep)
     t_final = time.perf_counter()
-    final_step = int(state.step)
-    if final_step > start or ck.latest_step() is None:
-      save(force=True)
-    val = evaluate(eval_fn, state, data.eval_batches(corpus, D), batch_sh)
-    text = ""
-    if exp.run.sample_prompt:
-      model = parts.merge(state.params, state.frozen, state.bias)
-      text = generate_text(model, corpus.tokenizer, [exp.run.sample_prompt], chat=False,
-                           max_new_tokens=exp.run.sample_tokens, sampling=Sampling(exp.run.sample_temperature),
-                           seed=jax.random.wrap_key_data(state.rng))[0]
-    ck.wait()
-    ck.close()
+    val, text = finish(s, result.state, start)
     t_end = time.perf_counter()
-
-  train_recs = [r for r in metrics.read_jsonl(writer.path) if r.get("split") == "train"] if writer else []
-  last = train_recs[-max(1, min(len(train_recs), exp.run.log_every * 5)):]
-  mean_step = float(np.mean(step_times)) if step_times else float("nan")
-  summary = {
-      "name": exp.name, "steps": final_step, "stopped_early": stopped_early or None,
-      "train_loss": float(np.mean([r["loss"] for r in last])) if last else None,
-      "val_loss": val["loss"], "val_perplexity": val["perplexity"], "val_tokens": val["tokens"],
-      "unigram_baseline": corpus.unigram_baseline,
-      "tokens_per_s": tokens_per_step / mean_step if step_times else None,
-      "mfu": tokens_per_step * flops_tok / mean_step / peak if step_times else None,
-      "peak_flops": peak, "compile_and_first_step_s": compile_s,
-      "setup_s": t_loop - t_start, "loop_s": t_final - t_loop, "final_eval_sample_s": t_end - t_final,
-      "wall_s": time.perf_counter() - t_start,
-      "params": pc.total, "active_params": pc.active, "sample_prompt": exp.run.sample_prompt, "sample": text,
-      "run_dir": run_dir,
-  }
-  if writer:
-    writer.write(final_step, {"split": "final", **{k: v for k, v in summary.items() if k != "run_dir"}})
-    writer.close()
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    png = plots.loss_curve(metrics.read_jsonl(writer.path), os.path.join(run_dir, "loss.png"),
-                           baseline=corpus.unigram_baseline, title=exp.name)
-    base = f" (unigram baseline {corpus.unigram_baseline:.3f})" if corpus.unigram_baseline is not None else ""
-    log(f"[{exp.name}] step {final_step}: train loss {summary['train_loss']:.3f}, validation loss {val['loss']:.3f}"
-        f"{base}, perplexity {val['perplexity']:.1f}; "
-        + (f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}; " if step_times else "")
-        + f"{summary['wall_s']:.0f}s in all")
-    log(f"[{exp.name}] wrote {run_dir}/ (checkpoints/, metrics.jsonl, tensorboard/, {os.path.basename(png)})")
-    if text:
-      log(f"[{exp.name}] sample:\n{exp.run.sample_prompt}{text}")
+  phases_s = {"setup_s": t_loop - t_start, "loop_s": t_final - t_loop, "final_eval_sample_s": t_end - t_final}
+  summary = summarize(s, rep, result, val, text, phases_s)
+  write_outputs(s, rep, summary, log)
   return summary
