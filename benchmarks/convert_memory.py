@@ -117,8 +117,10 @@ def main(argv=None) -> None:
                            "MB_per_s": sizes["big"] / 1e6 / max(big["wall"] - small["wall"], 1e-9)}
     print(json.dumps(result, indent=2))
     gb = sizes["big"] / 1e9
-    print(f"\ncheckpoint {gb:.2f} GB (largest tensor {largest / 1e6:.0f} MB), Orbax copy {rows['big', 'orbax size'] / 1e9:.2f} GB")
-    print("| direction | peak RSS | fixed cost (tiny ckpt) | peak − fixed | (peak − fixed) / ckpt | wall | throughput |")
+    orbax_gb = rows['big', 'orbax size'] / 1e9
+    print(f"\ncheckpoint {gb:.2f} GB (largest tensor {largest / 1e6:.0f} MB), Orbax copy {orbax_gb:.2f} GB")
+    print("| direction | peak RSS | fixed cost (tiny ckpt) | peak − fixed | (peak − fixed) / ckpt | wall "
+          "| throughput |")
     print("|---|---|---|---|---|---|---|")
     for d, r in result["runs"].items():
       extra = r["peak_rss_bytes"] - r["baseline_rss_bytes"]

@@ -32,8 +32,8 @@ import torch
 import transformers
 
 from llama4_jax import config as C
-from llama4_jax.apps import generate as G
 from llama4_jax import load
+from llama4_jax.apps import generate as G
 
 
 def small_config() -> C.Llama4Config:

@@ -164,7 +164,8 @@ def sections(r: dict) -> dict[str, str]:
       f"{r['moe_paths'][0]['hidden']}, I {r['moe_paths'][0]['width']}, top-{r['moe_paths'][0]['top_k']}, "
       f"float32 (precision HIGHEST); forward and forward + backward (gradients of every input) of mean(y^2); "
       f"median of {r['params']['runs_moe']} (fewer where a call is slow). Speedup = that path's time / the "
-      "sorted path's time. Useful GFLOP/s divide the routed work only (2 N k 3 D I + router; backward = 2x forward).", "",
+      "sorted path's time. Useful GFLOP/s divide the routed work only "
+      "(2 N k 3 D I + router; backward = 2x forward).", "",
       moe_paths.table(r["moe_paths"])])
   c2 = r["ceiling_end"]
   mat = "\n".join([

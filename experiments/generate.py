@@ -6,7 +6,8 @@
   python -m experiments.generate --checkpoint DIR --prompt "One" --prompt "Two"      # a left-padded batch
 
 --checkpoint: anything `llama4_jax.load` reads (a training run directory, its checkpoints/ or one step, a
-converted model directory, a HF release directory); --hf: the same, for a HF release directory. --tokenizer overrides the tokenizer found with the model.
+converted model directory, a HF release directory); --hf: the same, for a HF release directory.
+--tokenizer overrides the tokenizer found with the model.
 Chat format (`--chat auto`): on with the Llama 4 tokenizer or with images, off otherwise (raw text after
 bos). Images are marked in the prompt by `<|image|>`; without a marker they go before the text.
 Greedy by default; the instruct release's generation_config uses --temperature 0.6 --top-p 0.9.

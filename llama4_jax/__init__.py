@@ -7,8 +7,20 @@ package) places everything by logical axis names and imports nothing from here.
 """
 
 from llama4_jax.apps.generate import GREEDY, Generation, Sampling, generate, generate_text, stream
-from llama4_jax.config import (MAVERICK, SCOUT, TINY_MAVERICK, TINY_SCOUT, ConfigError, Llama4Config, Policy,
-                               TextConfig, VisionConfig, from_hf, save_hf, to_hf)
+from llama4_jax.config import (
+                               MAVERICK,
+                               SCOUT,
+                               TINY_MAVERICK,
+                               TINY_SCOUT,
+                               ConfigError,
+                               Llama4Config,
+                               Policy,
+                               TextConfig,
+                               VisionConfig,
+                               from_hf,
+                               save_hf,
+                               to_hf,
+)
 from llama4_jax.io.checkpointer import Checkpointer
 from llama4_jax.io.convert import hf_to_orbax, orbax_to_hf
 from llama4_jax.io.load import Loaded, Source, load, resolve

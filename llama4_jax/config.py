@@ -341,6 +341,7 @@ class Policy:
   # pure JAX, O(T) memory) | "cudnn" | "splash" | "xla" (einsum, chunk-local blocks) | "dense" (full mask, oracle)
   attention_impl: str = "auto"
   attention_block: int = 512  # query / key block of the blockwise kernel
+  logits_chunk: int = 8192  # the training loss computes logits [tokens, V] this many tokens at a time (0: all)
   scan_layers: bool = True  # lax.scan over repeating blocks of layers
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "minimal"
   fp8: str = "off"  # "off" | "train" (per-tensor e4m3/e5m2) | "inference" (rowwise, FBGEMM) | "auto" (see fp8.py)
@@ -356,6 +357,7 @@ class Policy:
     _require(self.moe_impl in ("sorted", "ragged", "dense"), "policy.moe_impl", f"got {self.moe_impl!r}")
     _require(self.attention_impl in ATTENTION_IMPLS, "policy.attention_impl",
              f"got {self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    _require(self.logits_chunk >= 0, "policy.logits_chunk", f"must be >= 0, got {self.logits_chunk!r}")
     _require(self.attention_block > 0 and self.attention_block % 8 == 0, "policy.attention_block",
              f"must be a positive multiple of 8, got {self.attention_block!r}")
     _require(self.remat in ("none", "full", "dots", "minimal"), "policy.remat", f"got {self.remat!r}")

@@ -6,15 +6,28 @@ model supplies (`dispatch`). Nothing here imports the model; the model imports `
 `routed_experts` from here.
 """
 
-from sharding.context import constrain, routed_experts, sequence_attention, use
+from sharding.context import cache_write, cached_attention, constrain, routed_experts, sequence_attention, use
 from sharding.mesh import MeshConfig, describe, initialize_distributed, make_mesh
 from sharding.params import batch_sharding, param_shardings, param_specs, shard_model
-from sharding.rules import (CONTEXT_PARALLEL, DATA_PARALLEL, EXPERT_PARALLEL, FSDP, FSDP_TP, INFERENCE, PRESETS,
-                            AxisCollision, ExpertDispatch, Rules, SequenceDispatch, UnknownAxisName, preset,
-                            with_context)
+from sharding.rules import (
+                            CONTEXT_PARALLEL,
+                            DATA_PARALLEL,
+                            EXPERT_PARALLEL,
+                            FSDP,
+                            FSDP_TP,
+                            INFERENCE,
+                            PRESETS,
+                            AxisCollision,
+                            ExpertDispatch,
+                            Rules,
+                            SequenceDispatch,
+                            UnknownAxisName,
+                            preset,
+                            with_context,
+)
 
 __all__ = [
-    "constrain", "routed_experts", "sequence_attention", "use",
+    "cache_write", "cached_attention", "constrain", "routed_experts", "sequence_attention", "use",
     "MeshConfig", "describe", "initialize_distributed", "make_mesh",
     "batch_sharding", "param_shardings", "param_specs", "shard_model",
     "CONTEXT_PARALLEL", "DATA_PARALLEL", "EXPERT_PARALLEL", "FSDP", "FSDP_TP", "INFERENCE", "PRESETS",

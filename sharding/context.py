@@ -72,3 +72,21 @@ def sequence_attention(kernel: sequence.SequenceKernel, q: jax.Array, k: jax.Arr
   if ctx is None or not ctx.rules.axes("act_seq"):
     return kernel.attend(q, k, v, info, info, chunk, None)
   return sequence.attention(ctx.rules, ctx.mesh, kernel, q, k, v, info, chunk, aligned)
+
+
+def cache_write(buf: jax.Array, new: jax.Array, index) -> jax.Array:
+  """`new` [B, T, ...] written into the slots index .. of a (global-layer) cache buffer [B, S, ...], split
+  over its slots inside a `use` block whose rules map `act_cache` (`sharding.sequence.cache_write`)."""
+  ctx = _ACTIVE.get()
+  if ctx is None or not ctx.rules.axes("act_cache"):
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
+  return sequence.cache_write(ctx.rules, ctx.mesh, buf, new, index)
+
+
+def cached_attention(kernel: sequence.SequenceKernel, q, k_buf, v_buf, q_info, slot_info, index) -> jax.Array:
+  """New queries (cache indices index ..) over the global cache slots (slot = cache index): `kernel.attend`
+  with the index offsets, or split over the slots (`sharding.sequence.cached_attention`)."""
+  ctx = _ACTIVE.get()
+  if ctx is None or not ctx.rules.axes("act_cache"):
+    return kernel.attend(q, k_buf, v_buf, q_info, slot_info, None, (index, 0))
+  return sequence.cached_attention(ctx.rules, ctx.mesh, kernel, q, k_buf, v_buf, q_info, slot_info, index)

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import sizes_of
 from sharding.rules import Rules

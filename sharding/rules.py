@@ -114,6 +114,7 @@ class Rules:
   act_kv_heads: Axis = None  # key/value heads
   act_vocab: Axis = None  # logits' vocab axis
   act_tokens: Axis = None  # flattened tokens N = B*T
+  act_cache: Axis = None  # slots of the global layers' KV cache (decoding at long context)
   # Routed experts split over a mesh axis travel by this dispatch; None: the plain (GSPMD-partitioned)
   # computation with the expert weights gathered.
   dispatch: ExpertDispatch | None = dataclasses.field(default_factory=ExpertDispatch)
@@ -231,14 +232,15 @@ INFERENCE = Rules(name="inference", vocab="tensor", q_heads="tensor", kv_heads="
 over `data` only; the MoE dispatch splits each data shard's tokens over `expert` itself."""
 
 CONTEXT_PARALLEL = Rules(name="context_parallel", embed="fsdp", experts="expert", act_batch=_BATCH, act_seq="context",
-                         **_FSDP_VISION)
+                         act_cache="context", **_FSDP_VISION)
 """Long sequences: the sequence split over `context` (tokens stay split through every layer; attention
-communicates as `sharding.sequence` says), with FSDP over `fsdp` and routed experts over `expert`."""
+communicates as `sharding.sequence` says) and so are the global layers' KV-cache slots, with FSDP over
+`fsdp` and routed experts over `expert`."""
 
 
 def with_context(rules: Rules) -> Rules:
   """`rules` with the sequence split over the `context` axis as well (any preset: fsdp, fsdp_tp, ...)."""
-  return dataclasses.replace(rules, name=f"{rules.name}+context", act_seq="context")
+  return dataclasses.replace(rules, name=f"{rules.name}+context", act_seq="context", act_cache="context")
 
 
 PRESETS = {r.name: r for r in (DATA_PARALLEL, FSDP, FSDP_TP, EXPERT_PARALLEL, INFERENCE, CONTEXT_PARALLEL)}

@@ -20,6 +20,9 @@ Global (NoPE) layers, by `SequenceDispatch.global_layers`:
     early, one late), so every hop gives every device the same amount of unmasked work;
   * "auto": all_gather when n <= 2 or the gathered keys and values of the layer fit in
     `gather_limit_bytes`, else ring (and all_gather when Tl is odd: the zig-zag halves need an even Tl).
+Decoding: the global layers' KV cache can be split along its slots (`act_cache`): each device writes the
+slots it holds (`cache_write`) and attends over them, the partial outputs merged across devices by their
+log-sum-exp (`cached_attention`). Chunked layers keep their ring of C slots, replicated.
 The attention arithmetic is the model's (`SequenceKernel`): this module only moves blocks and merges.
 """
 
@@ -31,6 +34,8 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
 from sharding.rules import Rules, SequenceDispatch
 
 
@@ -233,3 +238,61 @@ def _ring_global(q, k, v, seg, pos, *, kernel, axis, n):
   zq, zk, zv, zs, zp = _zigzag([q, k, v, seg, pos], axis, n)
   return _unzigzag(_ring(kernel, axis, n, zq, zk, zv, zs, zp), axis, n)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# A KV cache split along its slots (decoding at long context)
+
+
+def _cache_axis(rules: Rules, sizes) -> str | None:
+  axes = tuple(a for a in rules.axes("act_cache") if sizes[a] > 1)
+  if len(axes) > 1:
+    raise NotImplementedError(f"rules {rules.name!r}: act_cache over several mesh axes {axes}; use one")
+  return axes[0] if axes else None
+
+
+def cache_write(rules: Rules, mesh, buf: jax.Array, new: jax.Array, index) -> jax.Array:
+  """`new` [B, T, ...] written at slots index .. index+T-1 of `buf` [B, S, ...] whose slots are split over the
+  mesh axis of `act_cache`: each device writes the slots it holds (out-of-range rows are dropped), so the
+  buffer is never gathered."""
+  sizes = dict(mesh.shape)
+  axis = _cache_axis(rules, sizes)
+  names = ("act_batch", "act_cache") + (None,) * (buf.ndim - 2)
+  b_spec = rules.resolve(names, buf.shape, sizes, what="KV cache")[0]
+  n_spec = rules.resolve(("act_batch", None) + (None,) * (buf.ndim - 2), new.shape, sizes, what="KV cache")[0]
+
+  def local(buf, new, index):
+    S = buf.shape[1]
+    start = index - jax.lax.axis_index(axis) * S
+    slots = start + jnp.arange(new.shape[1])
+    slots = jnp.where((slots >= 0) & (slots < S), slots, S)  # S: out of range, dropped
+    return buf.at[:, slots].set(new.astype(buf.dtype), mode="drop")
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(b_spec, n_spec, P()), out_specs=b_spec,
+                       check_vma=False)(buf, new, jnp.asarray(index, jnp.int32))
+
+
+def cached_attention(rules: Rules, mesh, kernel: SequenceKernel, q, k_buf, v_buf, q_info, slot_info, index):
+  """New queries q [B, T, H, d] (cache indices index ..) over cache slots k_buf / v_buf [B, S, K, d] split over
+  the mesh axis of `act_cache`: each device attends over its slots (`kernel.forward`, empty future slots
+  skipped whole), the partial outputs are merged across devices by their log-sum-exp."""
+  sizes = dict(mesh.shape)
+  axis = _cache_axis(rules, sizes)
+  res = lambda names, x: rules.resolve(names, x.shape, sizes, what="KV cache")[0]  # noqa: E731
+  q_spec = res(("act_batch", None, "act_heads", None), q)
+  kv_spec = res(("act_batch", "act_cache", "act_kv_heads", None), k_buf)
+  qi_spec, si_spec = res(("act_batch", None), q_info[0]), res(("act_batch", "act_cache"), slot_info[0])
+
+  def local(q, k, v, qs, qp, ss, sp, index):
+    start = jax.lax.axis_index(axis) * k.shape[1]
+    out, lse = kernel.forward(q, k, v, (qs, qp), (ss, sp), None, (index, start))
+    m = jax.lax.pmax(lse, axis)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m), 0.0)
+    total = jax.lax.psum(w, axis)
+    num = jax.lax.psum(out.astype(jnp.float32) * w[..., None], axis)
+    return jnp.where(total[..., None] > 0, num / jnp.where(total > 0, total, 1.0)[..., None], 0.0).astype(q.dtype)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, qi_spec, qi_spec, si_spec, si_spec, P()),
+                       out_specs=q_spec, check_vma=False)(q, k_buf, v_buf, *q_info, *slot_info,
+                                                          jnp.asarray(index, jnp.int32))

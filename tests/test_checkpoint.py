@@ -15,11 +15,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from llama4_jax import config as C
 from llama4_jax import load
 from llama4_jax.io import checkpointer, model_dir, orbax_store, targets
-from llama4_jax import config as C
 from llama4_jax.model.llama4 import abstract, init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +63,8 @@ def test_checkpointer_round_trip(model, tmp_path):
     assert equal(nnx.to_pure_dict(nnx.state(restored)), pure)
     # Without targets: as saved, a pure dict (string layer keys) that replace_by_pure_dict accepts.
     r = c.restore(20)
-    assert r["params"]["text"]["blocks"]["layers"]["0"]["attn"]["q"].shape == pure["text"]["blocks"]["layers"][0]["attn"]["q"].shape
+    got = r["params"]["text"]["blocks"]["layers"]["0"]["attn"]["q"]
+    assert got.shape == pure["text"]["blocks"]["layers"][0]["attn"]["q"].shape
     target = jax.tree.map(lambda x: x, abs_state)
     nnx.replace_by_pure_dict(target, r["params"])
     assert equal(nnx.to_pure_dict(target), pure)
@@ -142,7 +144,8 @@ def test_param_writer_slices_restore_with_orbax(tmp_path):
   w.write(("f",), flat.T)
   w.finish()
   m = mesh((2, 4), ("p", "q"))
-  target = {"s": {0: {"x": jax.ShapeDtypeStruct(stacked.shape, jnp.float32, sharding=NamedSharding(m, P("p", None, "q")))}},
+  spec = NamedSharding(m, P("p", None, "q"))
+  target = {"s": {0: {"x": jax.ShapeDtypeStruct(stacked.shape, jnp.float32, sharding=spec)}},
             "f": jax.ShapeDtypeStruct((40, 24), jnp.bfloat16, sharding=NamedSharding(m, P("q")))}
   got = model_dir.restore_params(d, target)
   np.testing.assert_array_equal(np.asarray(got["s"][0]["x"]), stacked)

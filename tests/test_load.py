@@ -9,8 +9,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import hf_ref
-from llama4_jax import config as C
 from llama4_jax import CheckpointError, load
+from llama4_jax import config as C
 from llama4_jax.io.safetensors import list_tensors
 
 TEXT_ONLY = C.Llama4Config(text=C.TINY_MAVERICK.text, vision=None, dtype="float32")

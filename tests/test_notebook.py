@@ -8,7 +8,6 @@ import dataclasses
 import os
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 import hf_ref

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama4_jax.data import prompt as P
 from llama4_jax.config import SCOUT, TINY_SCOUT, VisionConfig
 from llama4_jax.data import images as pp
+from llama4_jax.data import prompt as P
 
 # Reference 2.8 (llama-models tokenizer.py): the ids the release checkpoints use.
 SPECIAL_IDS = {

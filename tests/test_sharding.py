@@ -20,14 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sharding
 from llama4_jax import config as C
+from llama4_jax.apps import plan as plan_lib
 from llama4_jax.model import llama4, moe
 from sharding import dispatch as ep_lib
 from sharding import params as sp
-from llama4_jax.apps import plan as plan_lib
 from sharding import rules as R
 
 POLICY = C.Policy(matmul_precision="highest")
@@ -285,7 +286,9 @@ def test_rules_specs_and_tuples():
   assert R.FSDP_TP.spec(("layers", "embed", "q_heads", "head_dim")) == P(None, "fsdp", "tensor", None)
   spec, notes = R.FSDP.resolve(("act_batch", None), (4, 3), {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1})
   assert spec == P(None, None) and "not divisible" in notes[0]
-  assert set(R.PRESETS) == {"data_parallel", "fsdp", "fsdp_tp", "expert_parallel", "inference"}
+  assert set(R.PRESETS) == {"data_parallel", "fsdp", "fsdp_tp", "expert_parallel", "inference", "context_parallel"}
+  assert R.with_context(R.FSDP_TP).axes("act_seq") == ("context",)
+  assert R.CONTEXT_PARALLEL.axes("act_seq") == ("context",)
   with pytest.raises(dataclasses.FrozenInstanceError):
     R.FSDP.embed = None
 
@@ -295,7 +298,7 @@ def test_rules_specs_and_tuples():
 
 
 def test_mesh_config():
-  assert sharding.MeshConfig().shape(8) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+  assert sharding.MeshConfig().shape(8) == {"data": 1, "fsdp": 8, "expert": 1, "context": 1, "tensor": 1}
   assert sharding.MeshConfig(data=2, fsdp=-1, tensor=2).shape(8)["fsdp"] == 2
   assert sharding.MeshConfig.parse("data=2,expert=4") == sharding.MeshConfig(data=2, fsdp=1, expert=4)
   with pytest.raises(ValueError, match="at most one"):
@@ -305,11 +308,11 @@ def test_mesh_config():
   with pytest.raises(ValueError, match="needs 4 devices"):
     sharding.MeshConfig(fsdp=4).shape(8)
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, expert=2, tensor=2))
-  assert mesh.axis_names == ("data", "fsdp", "expert", "tensor") and mesh.devices.size == 8
+  assert mesh.axis_names == ("data", "fsdp", "expert", "context", "tensor") and mesh.devices.size == 8
   assert all(t == AxisType.Auto for t in mesh.axis_types)  # the model is written for propagated shardings
   lines = []
   sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4), log=lines.append)
-  assert "[process 0/1] mesh (data=2, fsdp=4, expert=1, tensor=1)" in lines[0]
+  assert "[process 0/1] mesh (data=2, fsdp=4, expert=1, context=1, tensor=1)" in lines[0]
   assert lines[0].count("device ") == 8
 
 

@@ -16,11 +16,11 @@ import torch
 from flax import nnx
 
 import hf_ref
-from llama4_jax.model import attention as attn_lib
 from llama4_jax import config as C
-from llama4_jax.model import moe as moe_lib
-from llama4_jax.model import llama4, rope
 from llama4_jax import load
+from llama4_jax.model import attention as attn_lib
+from llama4_jax.model import llama4, rope
+from llama4_jax.model import moe as moe_lib
 from llama4_jax.model.text import Attention
 
 TOL = 1e-4

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
@@ -24,9 +23,9 @@ import pytest
 
 from experiments.train import load_config
 from llama4_jax import config as C
-from llama4_jax.model import llama4
 from llama4_jax.data import hf_tokenizer, pipeline
 from llama4_jax.data.sources import Message
+from llama4_jax.model import llama4
 from llama4_jax.train import config as tc
 from llama4_jax.train import data as train_data
 from llama4_jax.train import loop, optim, router
@@ -119,7 +118,7 @@ def test_one_train_step_reduces_the_loss_on_a_fixed_batch(setup):
 def test_gradient_accumulation_matches_the_full_batch(setup):
   """The token cross-entropy part of the objective is exactly additive over micro-batches (the router
   losses are per-micro-batch statistics, as in any accumulation scheme, so they are left out here)."""
-  exp, parts, state, batch = setup["exp"], setup["parts"], setup["state"], setup["batch"]
+  parts, state, batch = setup["parts"], setup["state"], setup["batch"]
   moe_cfg = tc.MoEConfig(aux_loss_coef=0.0, z_loss_coef=0.0)
   tx, opt_cfg = optax.identity(), tc.OptimConfig(lr=1.0, warmup_steps=0)  # the update is the gradient
   st = dataclasses.replace(state, opt_state=tx.init(state.params))
@@ -170,7 +169,7 @@ def test_sft_loss_covers_assistant_tokens_only(setup):
   for r in range(mask.shape[0]):
     trained = batch["targets"][r][mask[r]]
     want = []
-    for seg in sorted(set(batch["segment_ids"][r]) - {0}):
+    for _ in sorted(set(batch["segment_ids"][r]) - {0}):
       want += tok.encode("fine thanks") + [eot] + tok.encode("and you?") + [eot]
     assert trained.tolist() == want
   # The loss ignores everything else: scrambling the other targets (and their logits) changes nothing.
@@ -411,7 +410,8 @@ def test_budgeted_run_ends_its_schedule_at_its_last_step(workdir):
   s = loop.run(exp, log=lambda *_: None)
   probe = 1 + BUDGET_PROBE_STEPS
   assert s["steps"] == probe + 1
-  lrs = {r["step"]: r["lr"] for r in read_jsonl(os.path.join(s["run_dir"], "metrics.jsonl")) if r.get("split") == "train"}
+  rows = read_jsonl(os.path.join(s["run_dir"], "metrics.jsonl"))
+  lrs = {r["step"]: r["lr"] for r in rows if r.get("split") == "train"}
   assert sorted(lrs) == list(range(1, probe + 2))
   assert lrs[probe + 1] == pytest.approx(exp.optim.lr * exp.optim.min_lr_ratio)
   assert lrs[1] == pytest.approx(exp.optim.lr / exp.optim.warmup_steps)

@@ -18,8 +18,8 @@ from flax import nnx
 from transformers.models.llama4 import modeling_llama4 as hf_llama4
 
 import hf_ref
-from llama4_jax import config as C
 from llama4_jax import CheckpointError, load
+from llama4_jax import config as C
 from llama4_jax.io import hf_keys, hf_sources
 from llama4_jax.io import safetensors as st
 from llama4_jax.model import rope

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
   a.add_argument("--keep-fp8", action="store_true",
                  help="store the routed experts of an FP8 checkpoint as float8_e4m3fn + per-column scales")
   a.add_argument("--overwrite", action="store_true", help="replace an existing ORBAX_DIR once the new one is complete")
-  b = sub.add_parser("orbax-to-hf", parents=[common], help="Orbax model (or training checkpoint) -> HF safetensors directory")
+  b = sub.add_parser("orbax-to-hf", parents=[common],
+                     help="Orbax model (or training checkpoint) -> HF safetensors directory")
   b.add_argument("src", metavar="ORBAX_DIR")
   b.add_argument("dst", metavar="HF_DIR")
   b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")

@@ -53,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--preset", default="scout,maverick", help=f"model presets, comma-separated: {sorted(C.PRESETS)}")
   ap.add_argument("--mesh", help="axis sizes, e.g. fsdp=8 or data=2,expert=4 (unnamed axes are 1)")
   ap.add_argument("--rules", default="fsdp", help=f"sharding preset with --mesh: {sorted(RULES)}")
-  ap.add_argument("--hardware", default="8xh100,v5p-128,v6e-256", help=f"targets without --mesh: {sorted(planner.HARDWARE)}")
+  ap.add_argument("--hardware", default="8xh100,v5p-128,v6e-256",
+                  help=f"targets without --mesh: {sorted(planner.HARDWARE)}")
   ap.add_argument("--dtype", default="bfloat16", help="parameter and activation dtype")
   ap.add_argument("--batch", type=int, help="global sequences per step (default: one per device)")
   ap.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
   ap.add_argument("--remat", default="full", choices=("none", "full", "dots", "minimal"))
-  ap.add_argument("--attention", default="einsum", choices=("einsum", "flash"),
-                  help="einsum: the model's XLA attention (keeps T x S scores); flash: a fused kernel")
+  ap.add_argument("--attention", default="auto", choices=C.ATTENTION_IMPLS,
+                  help="Policy.attention_impl: auto / blockwise / cudnn / splash keep no T x S scores; xla keeps "
+                       "chunk-local ones, dense all")
+  ap.add_argument("--prefill-chunk", type=int, default=0,
+                  help="with --serve: tokens per forward of a sliced prefill (0: the whole prompt at once)")
   ap.add_argument("--serve", action="store_true", help="serving: parameters + forward activations + KV cache")
   ap.add_argument("--no-master", action="store_true", help="no fp32 master copy of low-precision parameters")
   ap.add_argument("--expert-fp8", action="store_true",
@@ -69,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.error("--expert-fp8 is for serving (--serve): FP8-stored experts are not trained")
 
   policy = C.Policy(param_dtype=args.dtype, dtype=args.dtype, matmul_precision="default",
-                    expert_fp8=args.expert_fp8)
+                    expert_fp8=args.expert_fp8, attention_impl=args.attention)
   base = planner.Workload(seq=args.seq, train=not args.serve, remat=args.remat, master_fp32=not args.no_master,
-                      attention=args.attention)
+                           prefill_chunk=args.prefill_chunk)
   rows, notes = [], []
   for name in args.preset.split(","):
     cfg = C.PRESETS[name.strip()]

@@ -26,8 +26,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama4_jax.data.prompt import build_inputs, encode_parts, prompt_parts
+from llama4_jax.data.chat import prompt_list, prompt_messages, render_chat
+from llama4_jax.data.prompt import build_inputs
 from llama4_jax.model import cache as cache_lib
 from llama4_jax.model.llama4 import Llama4
 
@@ -241,8 +242,7 @@ def generate_text(model, tokenizer, prompts, images=None, *, chat: bool = True, 
   `on_text(row, piece)` streams the decoded text of each row as it grows. Stops at the tokenizer's eos ids
   (the instruct set for Llama 4). Returns the texts, or with `details` (texts, `Generation`)."""
 
-  if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
-    prompts = [prompts]
+  prompts = prompt_list(prompts)
   cfg = model.cfg
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   if images:
@@ -251,8 +251,8 @@ def generate_text(model, tokenizer, prompts, images=None, *, chat: bool = True, 
     inputs = build_inputs(tokenizer, prompts, images, cfg.vision, chat=chat, pad_id=pad)
     ids, mask, pixels = inputs.input_ids, inputs.attention_mask, inputs.pixel_values
   else:
-    if chat:
-      rows = [encode_parts(tokenizer, prompt_parts(p, chat=True), [], 0) for p in prompts]
+    if chat:  # the chat renderer SFT trains with (`chat.render_chat`)
+      rows = [render_chat(prompt_messages(p), tokenizer, add_generation_prompt=True)["tokens"] for p in prompts]
     else:  # raw text after bos: any tokenizer (no chat special tokens needed)
       rows = [tokenizer.encode(p, bos=tokenizer.bos_id is not None) for p in prompts]
     width = max(len(r) for r in rows)

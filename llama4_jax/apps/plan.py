@@ -4,27 +4,36 @@ Parameters, gradients, optimizer state and the fp32 master copy are exact: they 
 abstract model (`nnx.eval_shape`, nothing allocated) placed by the rules (`param_specs`, including the
 replicated fallbacks of dimensions a mesh axis does not divide). Activations are an estimate:
 
-  t  = tokens per device = batch * seq / (product of the mesh axes act_batch splits the batch over)
+  t  = tokens per device = batch * seq / (mesh axes act_batch splits the batch over) / (context: the axes
+       act_seq splits the sequence over)
   b  = bytes per activation element (the policy dtype); scores and logits are float32 (4 bytes)
   tp = size of the tensor axis where the rules split heads / mlp / vocab, else 1
-  Per layer, what the backward pass keeps (einsum attention, no remat), in elements per token:
+  Per layer, what the backward pass keeps (no remat), in elements per token:
     attention  a_att = 2 D + 2 (H + 2 K) d / tp  (norm in/out, q k v and their rotated copies)
                        + H d / tp                 (attention output)
-                       + (4/b) H S / tp            (float32 softmax; S = chunk on RoPE layers, seq on NoPE;
-                                                    S = 1 with attention="flash": only the log-sum-exp)
+                       + (4/b) H S / tp            (float32 scores, by Policy.attention_impl:
+                                                    "dense": S = seq on every layer; "xla": S = 2 chunk on
+                                                    chunked layers (chunk-local blocks), seq on global ones;
+                                                    "blockwise" / "cudnn" / "splash" (and "auto"): S = 1,
+                                                    only the log-sum-exp: no [T, S] array exists)
     dense MLP  a_mlp = D + 3 F / tp                (input, gate, up, silu*up)
     MoE        a_moe = D + (4/b) E + k (D + 3 I / tpe) + 3 I / tp  (router logits, routed, shared)
   a_layer = t * b * (a_att + a_ffn)
   remat "none":    L * a_layer
   remat "full" / "dots" / "minimal" (scan over blocks of p layers, block inputs saved):
                    (L / p) * t * b * D  +  p * a_layer   (one block recomputed at a time)
-  + logits and their gradient: 2 * t * V / tp * 4
+  + logits and their gradient: 2 * t' * V / tp * 4, t' = min(t, rows * Policy.logits_chunk) (the training
+    loss computes the logits a slice of the sequence at a time)
   + expert-parallel dropless buffers of one MoE layer: 4 * n * t * k * D * b   (n = expert axis size)
-Serving (train=False): one layer's a_layer + the logits, plus the KV cache
-  (batch per device) * (L_rope * min(chunk, seq) + L_nope * seq) * 2 K d b / tp
-(RoPE layers never need more than a chunk of keys). Training keeps AdamW's m and v in float32 (8 bytes
-per parameter), the gradient in the parameter dtype, and an fp32 master copy when parameters are
-stored in a lower precision and `master_fp32`.
+  + context parallelism, one global layer's visiting keys and values (`sharding.sequence`): the gathered
+    seq * 2 K d b / tp (all-gather variant) when that fits in the gather limit, else two ring blocks
+Serving (train=False): one layer's a_layer + the logits of the last position, plus the KV cache
+  (batch per device) * (L_rope * min(chunk, seq) + L_nope * seq / context) * 2 K d b / tp
+(RoPE layers never need more than a chunk of keys; the global layers' slots split over the context axis).
+A long prompt is prefilled in slices (`generate.stream(prefill_chunk=...)`): `Workload.prefill_chunk`
+bounds the tokens of one forward. Training keeps AdamW's m and v in float32 (8 bytes per parameter), the
+gradient in the parameter dtype, and an fp32 master copy when parameters are stored in a lower precision
+and `master_fp32`.
 
 The estimate ignores XLA's temporary buffers and fragmentation: plans keep `headroom` (10%) free.
 """
@@ -43,7 +52,17 @@ from llama4_jax.config import Llama4Config, Policy
 from llama4_jax.model import llama4
 from sharding.mesh import MeshConfig
 from sharding.params import param_specs, shard_bytes
-from sharding.rules import DATA_PARALLEL, EXPERT_PARALLEL, FSDP, FSDP_TP, INFERENCE, MESH_AXES, Rules
+from sharding.rules import (
+  DATA_PARALLEL,
+  EXPERT_PARALLEL,
+  FSDP,
+  FSDP_TP,
+  INFERENCE,
+  MESH_AXES,
+  Rules,
+  SequenceDispatch,
+  with_context,
+)
 
 GiB = 1024 ** 3
 
@@ -60,6 +79,7 @@ HARDWARE = {
     "8xh200": Hardware("8x H200 141GB", 8, 140.0),
     "v5p-64": Hardware("TPU v5p-64 (32 chips)", 32, 95.0),
     "v5p-128": Hardware("TPU v5p-128 (64 chips)", 64, 95.0),
+    "v5p-512": Hardware("TPU v5p-512 (256 chips)", 256, 95.0),
     "v6e-256": Hardware("TPU v6e-256", 256, 32.0),
 }
 
@@ -73,7 +93,7 @@ class Workload:
   train: bool = True  # False: parameters only (+ activations of a forward, no optimizer)
   remat: str = "full"  # "none" | "full" | "dots" | "minimal" (see Policy.remat)
   master_fp32: bool = True  # keep an fp32 master copy when parameters are stored in a lower precision
-  attention: str = "einsum"  # "einsum": the model's XLA path keeps the T x S scores; "flash": a fused kernel
+  prefill_chunk: int = 0  # serving: tokens per forward of a sliced prefill (0: the whole prompt at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,43 +134,59 @@ def _split(rules: Rules, name: str, size: int, sizes: Mapping[str, int]) -> int:
   return n if size % n == 0 else 1
 
 
+_SCORES = {"dense": "all", "xla": "chunk-local"}  # implementations that keep float32 scores
+
+
 def activation_bytes(cfg: Llama4Config, policy: Policy, rules: Rules, sizes: Mapping[str, int],
                      work: Workload) -> tuple[int, int]:
   """(activation bytes per device, tokens per device) by the formula of the module docstring."""
   t_cfg = cfg.text
   b = jnp.dtype(policy.dtype).itemsize
   m = _split(rules, "act_batch", work.batch, sizes)
-  t = work.batch * work.seq // m
+  c = _split(rules, "act_seq", work.seq, sizes)
+  rows = work.batch // m if work.batch % m == 0 else work.batch  # sequences per device
+  fwd_seq = min(work.seq, work.prefill_chunk) if work.prefill_chunk and not work.train else work.seq
+  t = rows * fwd_seq // c
   D, H, K, d = t_cfg.hidden_size, t_cfg.num_attention_heads, t_cfg.num_key_value_heads, t_cfg.head_dim
   tp_h = _split(rules, "act_heads", H, sizes)
+  tp_k = _split(rules, "act_kv_heads", K, sizes)
   tp_f = _split(rules, "mlp", t_cfg.intermediate_size_mlp, sizes)
   tp_i = _split(rules, "expert_mlp", t_cfg.intermediate_size, sizes)
   tp_v = _split(rules, "act_vocab", t_cfg.vocab_size, sizes)
   E, k, I, F = t_cfg.num_local_experts, t_cfg.num_experts_per_tok, t_cfg.intermediate_size, t_cfg.intermediate_size_mlp
   n_exp = _split(rules, "experts", E, sizes)
+  C = min(t_cfg.attention_chunk_size, work.seq)
+  scores = _SCORES.get(policy.attention_impl)
+  gathered = work.seq * 2 * K * d * b / tp_k * rows  # one global layer's keys + values, all devices' tokens
+  limit = (rules.sequence or SequenceDispatch()).gather_limit_bytes
+  visiting = (gathered if gathered <= limit or c <= 2 else 2 * gathered / c) if c > 1 else 0.0
 
   def per_layer(i: int) -> float:
-    S = min(t_cfg.attention_chunk_size, work.seq) if t_cfg.use_rope(i) else work.seq
-    S = 1 if work.attention == "flash" else S
+    rope = t_cfg.use_rope(i)
+    S = {"all": work.seq, "chunk-local": 2 * C if rope else work.seq}.get(scores, 1)
     att = 2 * D + 2 * (H + 2 * K) * d / tp_h + H * d / tp_h + (4 / b) * H * S / tp_h
     if t_cfg.is_moe(i):
       ffn = D + (4 / b) * E + k * (D + 3 * I / tp_i) + 3 * I / tp_i
     else:
       ffn = D + 3 * F / tp_f
-    return t * b * (att + ffn)
+    return t * b * (att + ffn) + (0 if rope else visiting)
 
   L, p = t_cfg.num_hidden_layers, t_cfg.layer_period
   if not work.train:
     acts = max(per_layer(i) for i in range(L))  # a forward keeps only the current layer alive
     n_rope = sum(t_cfg.use_rope(i) for i in range(L))
-    tp_k = _split(rules, "act_kv_heads", K, sizes)
-    cached = n_rope * min(t_cfg.attention_chunk_size, work.seq) + (L - n_rope) * work.seq
-    acts += (work.batch // m if work.batch % m == 0 else work.batch) * cached * 2 * K * d * b / tp_k
-  elif work.remat == "none":
-    acts = sum(per_layer(i) for i in range(L))
+    c_cache = _split(rules, "act_cache", work.seq, sizes)
+    cached = n_rope * C + (L - n_rope) * work.seq / c_cache
+    acts += rows * cached * 2 * K * d * b / tp_k
+    acts += rows * t_cfg.vocab_size / tp_v * 4  # the last position's logits
   else:
-    acts = (L // p) * t * b * D + sum(per_layer(i) for i in range(p))
-  acts += (2 if work.train else 1) * t * t_cfg.vocab_size / tp_v * 4
+    if work.remat == "none":
+      acts = sum(per_layer(i) for i in range(L))
+    else:
+      acts = (L // p) * t * b * D + sum(per_layer(i) for i in range(p))
+    chunk = policy.logits_chunk
+    logit_tokens = rows * chunk if chunk and chunk * c < work.seq else t  # the loss's logits, a slice at a time
+    acts += 2 * logit_tokens * t_cfg.vocab_size / tp_v * 4
   if n_exp > 1 and t_cfg.moe_layer_ids:
     acts += 4 * n_exp * t * k * D * b
   return int(acts), t
@@ -177,44 +213,58 @@ def plan(cfg: Llama4Config, policy: Policy, rules: Rules, mesh: MeshConfig | Map
                     master=master, activations=acts, tokens_per_device=t, notes=tuple(notes))
 
 
-def candidates(cfg: Llama4Config, devices: int, train: bool = True) -> Iterable[tuple[Rules, dict[str, int]]]:
+def candidates(cfg: Llama4Config, devices: int, train: bool = True,
+               seq: int | None = None) -> Iterable[tuple[Rules, dict[str, int]]]:
   """Layouts worth trying on `devices` devices (powers of two per axis). Training: pure data parallel,
   FSDP, expert parallel (expert | E) + FSDP, FSDP + tensor (tensor | kv heads, <= 8). Serving: data
-  parallel and the inference preset (tensor x expert, the rest data)."""
+  parallel and the inference preset (tensor x expert, the rest data). With `seq`, each of those also with
+  the sequence split over a `context` axis dividing it (context parallelism)."""
   t = cfg.text
   pows = [2 ** i for i in range(int(math.log2(devices)) + 1) if devices % 2 ** i == 0]
-  yield DATA_PARALLEL, {"data": devices}
+  ctxs = [1] + [c for c in pows[1:] if seq is not None and seq % c == 0]
+
+  def with_ctx(rules, sizes):
+    for c in ctxs:
+      left = devices // math.prod(n for a, n in sizes.items() if a != "data")
+      if left % c == 0 and (c == 1 or sizes.get("data", 1) % c == 0):
+        yield (rules, sizes) if c == 1 else (with_context(rules), {**sizes, "data": sizes["data"] // c,
+                                                                     "context": c})
+
+  yield from with_ctx(DATA_PARALLEL, {"data": devices})
   if not train:
     for tp in (p for p in pows if p <= 8 and t.num_key_value_heads % p == 0):
       for e in (p for p in pows if devices % (tp * p) == 0 and t.num_local_experts % p == 0):
         if tp * e > 1:
-          yield INFERENCE, {"data": devices // (tp * e), "expert": e, "tensor": tp}
+          yield from with_ctx(INFERENCE, {"data": devices // (tp * e), "expert": e, "tensor": tp})
     return
   for f in pows[1:]:
-    yield FSDP, {"data": devices // f, "fsdp": f}
+    yield from with_ctx(FSDP, {"data": devices // f, "fsdp": f})
   for e in pows[1:]:
     if t.num_local_experts % e == 0:
       for f in (p for p in pows if devices % (e * p) == 0):
-        yield EXPERT_PARALLEL, {"data": devices // (e * f), "fsdp": f, "expert": e}
+        yield from with_ctx(EXPERT_PARALLEL, {"data": devices // (e * f), "fsdp": f, "expert": e})
   for tp in (p for p in pows[1:] if p <= 8 and t.num_key_value_heads % p == 0):
     for f in (p for p in pows if devices % (tp * p) == 0):
-      yield FSDP_TP, {"data": devices // (tp * f), "fsdp": f, "tensor": tp}
+      yield from with_ctx(FSDP_TP, {"data": devices // (tp * f), "fsdp": f, "tensor": tp})
 
 
 def choose_mesh(cfg: Llama4Config, policy: Policy, hardware: Hardware, work: Workload = Workload(),
                 headroom: float = 0.10, strict: bool = True) -> tuple[MeshConfig, Rules, MemoryPlan]:
   """The layout that fits with the least model parallelism: among the candidates whose plan fits in
-  `hardware.hbm_gib * (1 - headroom)`, the one with the largest `data` axis (fewest per-layer
-  collectives), then the least memory. If none fits: ValueError naming the smallest plan, or (with
+  `hardware.hbm_gib * (1 - headroom)` and whose batch splits over its batch axes (no device repeating
+  another's work), the one with the largest `data` axis (fewest per-layer collectives), then the least
+  memory. If none fits: ValueError naming the smallest plan, or (with
   `strict=False`) that smallest plan itself."""
   abstract = llama4.abstract(cfg, policy)
   best, smallest = None, None
-  for rules, sizes in candidates(cfg, hardware.devices, work.train):
+  for rules, sizes in candidates(cfg, hardware.devices, work.train, work.seq):
     p = plan(cfg, policy, rules, sizes, work, abstract=abstract)
     if smallest is None or p.total < smallest[2].total:
       smallest = (rules, sizes, p)
     if p.fits(hardware.hbm_gib, headroom):
-      key = (-sizes.get("data", 1), p.total)
+      split = math.prod(sizes.get(ax, 1) for ax in rules.axes("act_batch"))
+      idle = work.batch % split != 0  # the batch does not split over its axes: devices would repeat the work
+      key = (idle, -sizes.get("data", 1), p.total)
       if best is None or key < best[0]:
         best = (key, rules, sizes, p)
   if best is None:

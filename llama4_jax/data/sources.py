@@ -10,8 +10,9 @@ import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-# Roles accepted in chat JSONL; "tool" is rendered as "ipython", as Llama 4's chat format does.
+# Roles of chat messages; "tool" is rendered as "ipython", as Llama 4's chat format does.
 CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
 
 
@@ -21,8 +22,14 @@ class DataFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-  role: str
-  content: str
+  """One chat message, as `chat.py` renders it."""
+
+  role: str  # one of CHAT_ROLES
+  # Text (`<|image|>` marks an image) or [{"type": "text", "text": ...} | {"type": "image"}]; a tool result may
+  # be any JSON value; None in an assistant tool-call turn without text.
+  content: Any
+  # Assistant tool calls [{"function": {"name": str, "arguments": JSON}}], as transformers takes them; None: none.
+  tool_calls: Sequence[dict] | None = None
 
 
 def read_text_documents(paths: Sequence[str | Path], separator: str | None = None) -> list[str]:
@@ -62,21 +69,32 @@ def read_jsonl_texts(path: str | Path, field: str = "text") -> list[str]:
   return texts
 
 
+def _chat_message(m, where: str) -> Message:
+  """A message of chat JSONL: string content, except for tool results (any JSON) and tool-call turns."""
+  if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+    raise DataFormatError(f"{where} needs string fields 'role' and 'content'")
+  role, content, calls = m["role"], m.get("content"), m.get("tool_calls")
+  if role not in CHAT_ROLES:
+    raise DataFormatError(f"{where} has unknown role {role!r} (expected one of {CHAT_ROLES})")
+  if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls):
+    raise DataFormatError(f"{where}: 'tool_calls' must be a non-empty list on an assistant message")
+  if role in ("tool", "ipython"):
+    if content is None:
+      raise DataFormatError(f"{where}: a {role} message needs a non-null 'content'")
+  elif not isinstance(content, str) and not (calls and content is None):
+    raise DataFormatError(f"{where} needs string fields 'role' and 'content'")
+  return Message(role, content, calls)
+
+
 def read_chat_jsonl(path: str | Path) -> list[list[Message]]:
-  """Conversations from lines `{"messages": [{"role": ..., "content": ...}, ...]}`."""
+  """Conversations from lines `{"messages": [{"role": ..., "content": ...[, "tool_calls": [...]]}, ...]}`."""
   conversations = []
   for line_no, record in _jsonl_records(path):
     where = f"{path}:{line_no}"
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
       raise DataFormatError(f"{where}: expected a non-empty list in field 'messages'")
-    conversation = []
-    for k, m in enumerate(messages):
-      if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-        raise DataFormatError(f"{where}: messages[{k}] needs string fields 'role' and 'content'")
-      if m["role"] not in CHAT_ROLES:
-        raise DataFormatError(f"{where}: messages[{k}] has unknown role {m['role']!r} (expected one of {CHAT_ROLES})")
-      conversation.append(Message(m["role"], m["content"]))
+    conversation = [_chat_message(m, f"{where}: messages[{k}]") for k, m in enumerate(messages)]
     if not any(m.role == "assistant" for m in conversation):
       raise DataFormatError(f"{where}: no assistant message, so nothing to train on")
     conversations.append(conversation)

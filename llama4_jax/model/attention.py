@@ -17,8 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -37,9 +37,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import sharding
 from llama4_jax.config import TextConfig
 from llama4_jax.model import attention as attn_lib
+from llama4_jax.model import blockwise
 from llama4_jax.model.attention import TokenInfo
+from sharding import constrain
 
 LayerKV = tuple[jax.Array, jax.Array]  # (k, v) of one layer: [B, S, K, d] (inside the scan) or [n, B, S, K, d]
 
@@ -87,12 +90,16 @@ def init(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
   K, d = cfg.num_key_value_heads, cfg.head_dim
 
   def buf(use_rope):
-    return jnp.zeros((n, batch, W if use_rope else max_len, K, d), dtype)
+    if use_rope:
+      return jnp.zeros((n, batch, W, K, d), dtype)
+    names = (None, "act_batch", "act_cache", "act_kv_heads", None)
+    return constrain(jnp.zeros((n, batch, max_len, K, d), dtype), names)
 
   kv = tuple((buf(r), buf(r)) for r, _ in cfg.layer_kinds[:p])
   zeros = lambda S: jnp.zeros((batch, S), jnp.int32)  # noqa: E731
-  return KVCache(kv, TokenInfo(zeros(W), zeros(W)), TokenInfo(zeros(max_len), zeros(max_len)),
-                 jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  full = tuple(constrain(zeros(max_len), ("act_batch", "act_cache")) for _ in range(2))
+  return KVCache(kv, TokenInfo(zeros(W), zeros(W)), TokenInfo(*full), jnp.zeros((), jnp.int32),
+                 jnp.zeros((batch,), jnp.int32))
 
 
 def abstract(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
@@ -119,7 +126,7 @@ def write(buf: jax.Array, new: jax.Array, index: jax.Array, ring: bool) -> jax.A
   S, T = buf.shape[1], new.shape[1]
   new = new.astype(buf.dtype)
   if not ring:
-    return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1)
+    return sharding.cache_write(buf, new, index)  # slots split over devices under context parallelism
   if T > S:
     new, index, T = new[:, T - S:], index + (T - S), S
   if T == 1:
@@ -131,19 +138,26 @@ def store(kv: LayerKV, k: jax.Array, v: jax.Array, step: Step, ring: bool) -> La
   return write(kv[0], k, step.index, ring), write(kv[1], v, step.index, ring)
 
 
-def attend(q, k, v, kv: LayerKV, q_info: TokenInfo, step: Step, chunk: int | None, precision):
+def attend(q, k, v, kv: LayerKV, q_info: TokenInfo, step: Step, chunk: int | None, precision,
+           block: int = blockwise.DEFAULT_BLOCK):
   """Attention of the new queries over the cached and the new keys, and the updated layer cache.
-  q [B, T, H, d], k/v [B, T, K, d]; `chunk` None for a global layer."""
+  q [B, T, H, d], k/v [B, T, K, d]; `chunk` None for a global layer. Global layers attend blockwise over the
+  slots (slot = cache index: the empty slots after the new tokens are skipped whole, so a step costs what
+  the history costs, and a slice of a chunked prefill never holds a [T, max_len] score array); ring layers
+  over [the ring; the new keys]."""
   ring = chunk is not None
-  if ring and q.shape[1] > 1:
+  T = q.shape[1]
+  if ring and T > 1:
     keys = jnp.concatenate([kv[0], k.astype(kv[0].dtype)], axis=1)
     values = jnp.concatenate([kv[1], v.astype(kv[1].dtype)], axis=1)
     info = TokenInfo(*(jnp.concatenate([a, b], axis=1) for a, b in zip(step.ring_old, q_info)))
-    out = attn_lib.attention(q, keys, values, q_info, info, chunk, precision)
+    out = blockwise.attention(q, keys, values, q_info, info, chunk, precision, block, block)
     return out, store(kv, k, v, step, ring)
   kv = store(kv, k, v, step, ring)
-  out = attn_lib.attention(q, kv[0], kv[1], q_info, step.ring if ring else step.full, chunk, precision)
-  return out, kv
+  if ring:
+    return attn_lib.attention(q, kv[0], kv[1], q_info, step.ring, chunk, precision), kv
+  kernel = attn_lib.Kernel("blockwise", False, precision, block)
+  return sharding.cached_attention(kernel, q, kv[0], kv[1], q_info, step.full, step.index), kv
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,13 +166,16 @@ def attend(q, k, v, kv: LayerKV, q_info: TokenInfo, step: Step, chunk: int | Non
 
 def begin(cache: KVCache, attention_mask, B: int, T: int, prefill: bool) -> tuple[Step, TokenInfo]:
   """Step bookkeeping and the new tokens' mask data. `attention_mask` [B, T] (None: all ones) marks left
-  padding at prefill; later tokens are real (transformers' `generate` appends ones)."""
+  padding: at prefill, and in the later slices of a chunked prefill (a row whose cached tokens are all
+  padding keeps counting its leading zeros); decoded tokens are real (transformers' `generate` appends
+  ones)."""
   mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   idx = cache.index + jnp.arange(T, dtype=jnp.int32)
+  leading = jnp.sum(jnp.cumsum(mask, axis=-1) == 0, axis=-1).astype(jnp.int32)
   if prefill:
-    left_pad = jnp.sum(jnp.cumsum(mask, axis=-1) == 0, axis=-1).astype(jnp.int32)
+    left_pad = leading
   else:
-    left_pad = cache.left_pad
+    left_pad = jnp.where(cache.left_pad == cache.index, cache.left_pad + leading, cache.left_pad)
   info = TokenInfo(mask, idx[None, :] - left_pad[:, None])
   ring = TokenInfo(*(write(a, b, cache.index, ring=True) for a, b in zip(cache.ring, info)))
   full = TokenInfo(*(write(a, b, cache.index, ring=False) for a, b in zip(cache.full, info)))

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama4_jax.model import fp8
 from llama4_jax.config import Policy
+from llama4_jax.model import fp8
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 

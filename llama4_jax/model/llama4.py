@@ -70,8 +70,8 @@ class Llama4(nnx.Module):
     check_image_tokens(input_ids, n_tiles * self.cfg.vision.tokens_per_tile, self.cfg.image_token_index)
 
   def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, pixel_values=None,
-              cache: cache_lib.KVCache | None = None, prefill: bool = False, last_only: bool = False
-              ) -> Llama4Output:
+              cache: cache_lib.KVCache | None = None, prefill: bool = False, last_only: bool = False,
+              logits: bool = True) -> Llama4Output:
     """Logits and hidden states (and, with a `cache`, the updated cache: `TextModel.forward`); with
     `pixel_values` [n_tiles, 3, S, S] (any float dtype, cast to the policy dtype) the `<|patch|>` embeddings
     are replaced by the projected image features, in order over (batch, sequence). The token/feature count
@@ -79,7 +79,7 @@ class Llama4(nnx.Module):
     there would silently reuse feature rows)."""
     embeds, feats = self.embed(input_ids, pixel_values)
     out = self.text.forward(input_ids, attention_mask, position_ids, segment_ids, inputs_embeds=embeds,
-                            cache=cache, prefill=prefill, last_only=last_only)
+                            cache=cache, prefill=prefill, last_only=last_only, logits=logits)
     return Llama4Output(out.logits, out.hidden, out.router_logits, out.cache, feats)
 
   def embed(self, input_ids, pixel_values=None) -> tuple[jax.Array, jax.Array | None]:

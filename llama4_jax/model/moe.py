@@ -20,10 +20,9 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import sharding
 from llama4_jax.config import Policy
@@ -104,7 +103,8 @@ def _grouped_bwd(policy, res, g):
       w1, w2 = _block_weights(gate_up, down, e)
       _, vjp = jax.vjp(lambda uu, a, b: _expert_ffn(uu, a, b, policy), u, w1, w2)
       du, d1, d2 = vjp(gy.astype(jnp.dtype(policy.dtype)))
-      return (add_at(acc[0], e, d1.astype(acc[0].dtype)), add_at(acc[1], e, d2.astype(acc[1].dtype))), du.astype(u.dtype)
+      new = (add_at(acc[0], e, d1.astype(acc[0].dtype)), add_at(acc[1], e, d2.astype(acc[1].dtype)))
+      return new, du.astype(u.dtype)
 
     return jax.lax.cond(lv, live_block, lambda: (acc, jnp.zeros_like(u)))
 

@@ -6,9 +6,9 @@ float32 as `float(pos) * inv_freq` exactly as transformers does, and the rotatio
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama4_jax.config import RopeScaling, TextConfig, VisionConfig
 

@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import sharding
 from llama4_jax.config import Policy, TextConfig
 from llama4_jax.model import attention as attn_lib
 from llama4_jax.model import cache as cache_lib
 from llama4_jax.model import fp8, rope
 from llama4_jax.model import moe as moe_lib
 from llama4_jax.model.layers import einsum, fp8_param, normal, ones, param, precision, rms_norm, swiglu
-import sharding
 from sharding import constrain
 
 
@@ -89,7 +89,7 @@ class Attention(nnx.Module):
       q = (q.astype(jnp.float32) * ctx.temp[:, :, None, None]).astype(q.dtype)
     prec = precision(p)
     if kv is not None and not ctx.step.prefill:
-      out, kv = cache_lib.attend(q, k, v, kv, ctx.q_info, ctx.step, self.chunk, prec)
+      out, kv = cache_lib.attend(q, k, v, kv, ctx.q_info, ctx.step, self.chunk, prec, p.attention_block)
     else:
       kernel = attn_lib.Kernel(p.attention_impl, ctx.packed, prec, p.attention_block)
       out = sharding.sequence_attention(kernel, q, k, v, ctx.q_info, self.chunk, ctx.aligned)
@@ -322,13 +322,15 @@ class TextModel(nnx.Module):
     return h, rl, kv
 
   def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, inputs_embeds=None,
-              cache: cache_lib.KVCache | None = None, prefill: bool = False, last_only: bool = False) -> Output:
+              cache: cache_lib.KVCache | None = None, prefill: bool = False, last_only: bool = False,
+              logits: bool = True) -> Output:
     """Logits of `input_ids` [B, T] (or of their `inputs_embeds` [B, T, D], e.g. with image features merged).
 
     With a `cache` (`init_cache`) the tokens continue the cached ones and `Output.cache` is the updated
     cache; `prefill` requires an empty cache. The cache must have room: index + T <= max_len (checked by the
     caller; a global write past the end would be clamped by XLA). `last_only`: logits and hidden state of
-    the last position only ([B, 1, ...]), as a decoder needs."""
+    the last position only ([B, 1, ...]), as a decoder needs. `logits=False`: no lm_head (`Output.logits` is
+    None), for a loss that computes them a slice at a time (`train.losses.chunked_cross_entropy_sum`)."""
     ctx = self.context(input_ids, attention_mask, position_ids, segment_ids, cache, prefill)
     h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     h, rl, kv = self.run_layers(h, ctx, None if cache is None else cache.kv)
@@ -336,7 +338,7 @@ class TextModel(nnx.Module):
       h = h[:, -1:]
     h = self.norm(h)
     new_cache = None if cache is None else cache_lib.finish(cache, kv, ctx.step, input_ids.shape[1])
-    return Output(self.logits(h), h, rl, new_cache)
+    return Output(self.logits(h) if logits else None, h, rl, new_cache)
 
   def init_cache(self, batch: int, max_len: int, dtype) -> cache_lib.KVCache:
     """An empty KV cache for `batch` rows of at most `max_len` tokens."""

@@ -15,9 +15,9 @@ import json
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from flax import nnx
 from flax.nnx import traversals
+from jax.experimental import multihost_utils
 
 from llama4_jax.io.checkpointer import Checkpointer
 from llama4_jax.train.state import ModelParts, TrainState

@@ -16,3 +16,29 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
   m = mask.astype(jnp.float32)
   nll = jnp.where(m > 0, lse - target_logit, 0.0)
   return jnp.sum(nll * m), jnp.sum(m)
+
+
+def chunked_cross_entropy_sum(logits_fn, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                              chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy_sum(logits_fn(hidden), ...)` computing the logits `chunk` tokens at a time (a rematerialised
+  scan over slices of the sequence), so a long sequence never holds [B, T, V] float32 logits nor their
+  gradient: hidden [B, T, D], `logits_fn` [B, t, D] -> [B, t, V]. `chunk` 0 or >= T: one piece."""
+  B, T = targets.shape
+  if not chunk or T <= chunk:
+    return cross_entropy_sum(logits_fn(hidden), targets, mask)
+  n = -(-T // chunk)
+  pad = n * chunk - T
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, mask = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, mask))
+  split = lambda x: jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+
+  @jax.checkpoint
+  def piece(carry, xs):
+    h, t, m = xs
+    ce, tok = cross_entropy_sum(logits_fn(h), t, m)
+    return (carry[0] + ce, carry[1] + tok), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (ce, tok), _ = jax.lax.scan(piece, (zero, zero), (split(hidden), split(targets), split(mask)))
+  return ce, tok

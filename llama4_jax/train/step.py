@@ -22,8 +22,8 @@ from flax import nnx
 
 from llama4_jax.train import router
 from llama4_jax.train.config import MoEConfig, OptimConfig
+from llama4_jax.train.losses import chunked_cross_entropy_sum
 from llama4_jax.train.optim import learning_rate
-from llama4_jax.train.losses import cross_entropy_sum
 from llama4_jax.train.state import ModelParts, TrainState, stack_bias, unstack_bias
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -46,8 +46,10 @@ jax.tree_util.register_dataclass(Terms, data_fields=[f.name for f in dataclasses
 def forward_terms(parts: ModelParts, top_k: int, params: dict, frozen: dict, bias: dict, batch: dict) -> Terms:
   """Runs the model on a packed batch and returns the loss terms."""
   model = parts.merge(params, frozen, bias)
-  out = model.forward(batch["inputs"], position_ids=batch["positions"], segment_ids=batch["segment_ids"])
-  ce_sum, tokens = cross_entropy_sum(out.logits, batch["targets"], batch["loss_mask"])
+  out = model.forward(batch["inputs"], position_ids=batch["positions"], segment_ids=batch["segment_ids"],
+                      logits=False)
+  ce_sum, tokens = chunked_cross_entropy_sum(model.text.logits, out.hidden, batch["targets"], batch["loss_mask"],
+                                             model.policy.logits_chunk)
   rl = out.router_logits
   if rl is None:
     zero = jnp.zeros((), jnp.float32)
