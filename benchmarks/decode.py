@@ -15,6 +15,12 @@ warm-up run (our compilation is excluded):
 transformers runs its default attention (sdpa) in float32; it is timed with each of --torch-threads intra-op
 thread counts and the faster is reported (on a shared 2-core box two contending torch threads can be 20x slower
 than one).
+
+  python -m benchmarks.decode --quant     # ours only: bf16 weights vs int8 vs int4 routed experts (bf16 compute)
+
+--quant times the same architecture (random init) held in bfloat16 and with its routed experts as int8 / int4
+(`Policy.quant`, group --group-size), the variants interleaved run by run so that a shared machine's load hits
+them alike; reported as decode tok/s and as ratios to bf16 from the same run.
 """
 
 from __future__ import annotations
@@ -71,6 +77,41 @@ def time_ours(model, ids: np.ndarray, n: int) -> tuple[float, float]:
   return g.decode_s, total
 
 
+def quant_compare(args) -> int:
+  """bf16 vs int8 vs int4 routed experts, our decoder only; interleaved repeats, medians, ratios to bf16."""
+  from llama4_jax.model.llama4 import init
+
+  cfg, n = small_config(), args.new_tokens
+  variants = {"bf16": C.Policy.for_dtype("bfloat16")}
+  for q in ("int8", "int4"):
+    variants[q] = C.Policy.for_dtype("bfloat16", quant=q, quant_group=args.group_size)
+  models = {k: init(cfg, p, seed=0) for k, p in variants.items()}
+  rows = []
+  for B in args.batch_sizes:
+    ids = np.random.RandomState(B).randint(10, cfg.text.vocab_size, (B, args.prompt_len))
+    runs = {k: [] for k in models}
+    for m in models.values():
+      time_ours(m, ids, n)  # compile
+    for _ in range(args.repeats):
+      for k, m in models.items():
+        runs[k].append(B * (n - 1) / time_ours(m, ids, n)[0])
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    rows.append({"batch": B, **{f"{k}_decode_tok_s": v for k, v in med.items()},
+                 **{f"{k}_vs_bf16": med[k] / med["bf16"] for k in med}})
+    print(f"B={B}: {rows[-1]}", flush=True)
+  print(f"\n{jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), jax {jax.__version__}; prompt {args.prompt_len}, "
+        f"{n} new tokens, median of {args.repeats} interleaved runs; int4 groups of {args.group_size}\n")
+  print("| batch | bf16 decode tok/s | int8 decode tok/s | int4 decode tok/s | int8 / bf16 | int4 / bf16 |")
+  print("|---:|---:|---:|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['batch']} | {r['bf16_decode_tok_s']:,.0f} | {r['int8_decode_tok_s']:,.0f} | "
+          f"{r['int4_decode_tok_s']:,.0f} | {r['int8_vs_bf16']:.2f}x | {r['int4_vs_bf16']:.2f}x |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+  return 0
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
@@ -79,7 +120,11 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--torch-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
   ap.add_argument("--json", help="also write the results here")
+  ap.add_argument("--quant", action="store_true", help="ours only: bf16 vs int8 vs int4 routed experts")
+  ap.add_argument("--group-size", type=int, default=128, help="--quant: int4 group size")
   args = ap.parse_args(argv)
+  if args.quant:
+    return quant_compare(args)
 
   cfg = small_config()
   n = args.new_tokens

@@ -28,7 +28,8 @@ from llama4_jax.model import moe
 IMPLS = ("sorted", "ragged", "dense")
 
 
-def _layer(impl: str, policy: C.Policy, k: int):
+def layer(impl: str, policy: C.Policy, k: int):
+  """(forward, value_and_grad of mean(y^2)) of one routed-expert layer by `impl` (also benchmarks/gpu.py)."""
   experts_fn = moe.EXPERT_IMPLS[impl]
 
   def fwd(x, router, gate_up, down):
@@ -36,7 +37,7 @@ def _layer(impl: str, policy: C.Policy, k: int):
     return experts_fn(x, idx, scores, gate_up, down, policy)
 
   def loss(x, router, gate_up, down):
-    y = fwd(x, router, gate_up, down)
+    y = fwd(x, router, gate_up, down).astype(jnp.float32)
     return jnp.mean(y * y)
 
   return fwd, jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
@@ -57,7 +58,7 @@ def measure(tokens: int = 2048, hidden: int = 512, width: int = 512, experts=(8,
     ref = None
     row = {"experts": E, "tokens": N, "hidden": D, "width": I, "top_k": top_k}
     for impl in IMPLS:
-      fwd, grad = _layer(impl, policy, top_k)
+      fwd, grad = layer(impl, policy, top_k)
       f = jax.jit(fwd).lower(*args).compile()
       g = jax.jit(grad).lower(*args).compile()
       y = np.asarray(f(*args))

@@ -194,17 +194,30 @@ def _markers(name: str) -> tuple[str, str]:
   return f"<!-- bench-cpu:{name}:begin -->", f"<!-- bench-cpu:{name}:end -->"
 
 
+def _with_block(text: str, name: str, title: str, repro: str, body: str) -> str:
+  begin, end = _markers(name)
+  block = f"{begin}\n{body}\n{end}"
+  if begin in text and end in text:
+    i, j = text.index(begin), text.index(end) + len(end)
+    return text[:i] + block + text[j:]
+  return text.rstrip("\n") + f"\n\n{title}\n\n{repro}\n\n{block}\n"
+
+
+def write_block(path: str, name: str, title: str, repro: str, body: str) -> None:
+  """Rewrites (or appends) one generated block of `path`, atomically; the rest of the file is left alone."""
+  text = open(path).read() if os.path.exists(path) else DOC_HEADER
+  _write(path, _with_block(text, name, title, repro, body))
+
+
 def update_docs(r: dict, path: str = DOC) -> None:
   """Rewrites the generated block of each section; creates the file / appends missing sections."""
   text = open(path).read() if os.path.exists(path) else DOC_HEADER
   for name, body in sections(r).items():
-    begin, end = _markers(name)
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-      i, j = text.index(begin), text.index(end) + len(end)
-      text = text[:i] + block + text[j:]
-    else:
-      text = text.rstrip("\n") + f"\n\n{TITLES[name]}\n\n{REPRO}\n\n{block}\n"
+    text = _with_block(text, name, TITLES[name], REPRO, body)
+  _write(path, text)
+
+
+def _write(path: str, text: str) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(text)

@@ -4,6 +4,7 @@
   python -m experiments.generate --hf /models/Llama-4-Scout-17B-16E-Instruct --prompt "Describe this." \\
       --image photo.png --temperature 0.6 --top-p 0.9
   python -m experiments.generate --checkpoint DIR --prompt "One" --prompt "Two"      # a left-padded batch
+  python -m experiments.generate --hf DIR --prompt-file book.txt --prefill-chunk 32768   # a long prompt
 
 --checkpoint: anything `llama4_jax.load` reads (a training run directory, its checkpoints/ or one step, a
 converted model directory, a HF release directory); --hf: the same, for a HF release directory.
@@ -27,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
   src.add_argument("--checkpoint", help="Orbax checkpoint or training run directory")
   src.add_argument("--hf", help="HF release-format model directory")
   ap.add_argument("--tokenizer", help="tokenizer spec: 'llama4', a tokenizer.json / tokenizer.model, or a directory")
-  ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+  ap.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+  ap.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one prompt (repeatable)")
+  ap.add_argument("--prefill-chunk", type=int, help="prefill long prompts in slices of this many tokens")
   ap.add_argument("--image", action="append", default=[], help="image file (repeat for several, in prompt order)")
   ap.add_argument("--system", help="system message (chat format)")
   ap.add_argument("--chat", choices=("auto", "on", "off"), default="auto")
@@ -38,14 +41,27 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="parameters and compute (default: as stored)")
   args = ap.parse_args(argv)
+  for path in args.prompt_file:
+    try:
+      with open(path, encoding="utf-8") as f:
+        args.prompt.append(f.read())
+    except (OSError, UnicodeDecodeError) as e:
+      ap.error(f"--prompt-file {path}: {e}")
+  if not args.prompt:
+    ap.error("give at least one --prompt or --prompt-file")
 
   from PIL import Image
 
   from llama4_jax import load
   from llama4_jax.apps import generate as G
   from llama4_jax.data.prompt import IMAGE_PLACEHOLDER
+  from llama4_jax.io.validate import CheckpointError
 
-  loaded = load(args.checkpoint or args.hf, tokenizer=args.tokenizer, dtype=args.dtype)
+  try:
+    loaded = load(args.checkpoint or args.hf, tokenizer=args.tokenizer, dtype=args.dtype)
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if loaded.tokenizer is None:
     print("error: no tokenizer found with the checkpoint: pass --tokenizer", file=sys.stderr)
     return 2
@@ -72,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
   t0 = time.perf_counter()
   outs = G.generate_text(loaded.model, tok, prompts, images, chat=chat, max_new_tokens=args.max_new_tokens,
-                         sampling=sampling, seed=args.seed, on_text=show)
+                         sampling=sampling, seed=args.seed, on_text=show, prefill_chunk=args.prefill_chunk)
   dt = time.perf_counter() - t0
   if single:
     print()

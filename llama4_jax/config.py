@@ -35,6 +35,9 @@ class ConfigError(ValueError):
   """A config.json or preset that cannot describe a Llama 4 model; the message names the field."""
 
 
+MAX_SIZE = 2 ** 31  # sizes and counts must lie below it: token ids are int32, and nothing larger is a real model
+
+
 def _require(cond: bool, field: str, msg: str) -> None:
   if not cond:
     raise ConfigError(f"config field {field!r}: {msg}")
@@ -172,7 +175,7 @@ class TextConfig:
               "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
               "interleave_moe_layer_step", "no_rope_layer_interval", "attention_chunk_size", "floor_scale"):
       v = getattr(self, f)
-      _require(v > 0, f"text_config.{f}", f"must be a positive integer, got {v!r}")
+      _require(0 < v < MAX_SIZE, f"text_config.{f}", f"must be a positive integer below 2**31, got {v!r}")
     _require(self.num_attention_heads % self.num_key_value_heads == 0, "text_config.num_key_value_heads",
              f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}")
     _require(self.head_dim % 2 == 0, "text_config.head_dim", f"must be even for RoPE, got {self.head_dim}")
@@ -261,6 +264,10 @@ class VisionConfig:
     _check_types(self, "vision_config.")
     _require(self.hidden_act == "gelu", "vision_config.hidden_act",
              f"only 'gelu' is supported, got {self.hidden_act!r}")
+    for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_channels", "intermediate_size",
+              "vision_output_dim", "image_size", "patch_size", "projector_input_dim", "projector_output_dim"):
+      v = getattr(self, f)
+      _require(0 < v < MAX_SIZE, f"vision_config.{f}", f"must be a positive integer below 2**31, got {v!r}")
     _require(self.hidden_size % self.num_attention_heads == 0, "vision_config.num_attention_heads",
              f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
     _require((self.hidden_size // self.num_attention_heads) % 4 == 0, "vision_config.num_attention_heads",
@@ -347,6 +354,12 @@ class Policy:
   fp8: str = "off"  # "off" | "train" (per-tensor e4m3/e5m2) | "inference" (rowwise, FBGEMM) | "auto" (see fp8.py)
   fp8_lm_head: bool = False  # also quantise the lm_head matmul
   expert_fp8: bool = False  # routed expert weights held as float8_e4m3fn + per-output-channel scales (inference)
+  # Weight-only integer serving (model/quant.py): "none" | "int8" (per output channel) | "int4" (groups along the
+  # contracted axis, two values per byte); applies to the weights named by quant_targets. Inference only.
+  quant: str = "none"
+  quant_group: int = 128  # int4 group size along the contracted axis (must divide it)
+  quant_scale_dtype: str = "float32"  # dtype of the per-group scales: "float32" | "bfloat16"
+  quant_targets: tuple[str, ...] = ("experts",)  # which weights: "experts" (routed) and/or "mlp" (shared + dense)
 
   def __post_init__(self):
     _check_types(self, "policy.")
@@ -363,6 +376,16 @@ class Policy:
     _require(self.remat in ("none", "full", "dots", "minimal"), "policy.remat", f"got {self.remat!r}")
     _require(self.moe_block > 0, "policy.moe_block", f"got {self.moe_block!r}")
     _require(self.fp8 in ("off", "train", "inference", "auto"), "policy.fp8", f"got {self.fp8!r}")
+    _require(self.quant in ("none", "int8", "int4"), "policy.quant",
+             f"unknown scheme {self.quant!r}; expected 'none', 'int8' or 'int4'")
+    _require(self.quant_group > 0 and self.quant_group % 2 == 0, "policy.quant_group",
+             f"must be a positive even number, got {self.quant_group!r}")
+    _require(self.quant_scale_dtype in ("float32", "bfloat16"), "policy.quant_scale_dtype",
+             f"got {self.quant_scale_dtype!r}")
+    _require(set(self.quant_targets) <= {"experts", "mlp"} and bool(self.quant_targets), "policy.quant_targets",
+             f"got {self.quant_targets!r}; choose from ('experts', 'mlp')")
+    _require(not (self.quant != "none" and self.expert_fp8), "policy.quant",
+             f"{self.quant!r} and expert_fp8 both set: choose one format for the routed experts")
 
 
   @classmethod
@@ -513,16 +536,20 @@ def from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> Llama4Config
       p = os.path.join(p, "config.json")
     where = p
     try:
-      with open(p) as f:
+      with open(p, encoding="utf-8") as f:
         d = json.load(f)
     except FileNotFoundError:
       raise ConfigError(f"{p}: no config.json there") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ConfigError(f"{p}: not valid JSON ({e})") from None
+  if not isinstance(d, Mapping):
+    raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
   mt = d.get("model_type")
   try:
     if mt == "llama4":
-      _require("text_config" in d, "text_config", "missing from a 'llama4' config")
+      _require(isinstance(d.get("text_config"), Mapping), "text_config", "missing from a 'llama4' config (or not "
+               "an object)")
+      _require(isinstance(d.get("vision_config"), (Mapping, type(None))), "vision_config", "must be an object")
       text = _text_from_dict(d["text_config"])
       vision = _vision_from_dict(d["vision_config"]) if d.get("vision_config") is not None else None
       top = {k: d[k] for k in ("boi_token_index", "eoi_token_index", "image_token_index", "tie_word_embeddings")

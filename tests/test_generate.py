@@ -75,9 +75,10 @@ def hf_generate(ref, ids, mask, pixel_values=None, n=N_NEW):
   return tokens, margin
 
 
-def assert_same_generation(ours, ref, ids, mask, pixel_values=None):
+def assert_same_generation(ours, ref, ids, mask, pixel_values=None, **kw):
   want, margin = hf_generate(ref, ids, mask, pixel_values)
-  got = G.generate(ours, ids, mask, pixel_values=pixel_values, max_new_tokens=N_NEW, stop_ids=[EOS], pad_id=0)
+  got = G.generate(ours, ids, mask, pixel_values=pixel_values, max_new_tokens=N_NEW, stop_ids=[EOS], pad_id=0,
+                   **kw)
   assert margin > 1e-4, f"near tie in transformers' logits (top-2 margin {margin:.2e}): pick another seed"
   assert got.tokens.shape == want.shape
   np.testing.assert_array_equal(got.tokens, want)
@@ -103,9 +104,40 @@ def test_greedy_batch_matches_transformers(pairs, name, seed):
   assert got.stopped.any() and not got.stopped.all(), "the batch should exercise a per-row stop"
 
 
-def test_image_prompt_matches_transformers(pairs):
+@pytest.mark.parametrize("name,seed", [("scout", 18), ("maverick", 11)])
+@pytest.mark.parametrize("prefill_chunk", [3, 8, 11])
+def test_chunked_prefill_matches_transformers(pairs, name, seed, prefill_chunk):
+  """The prompt in slices of 3 (the padding of the short rows fills whole slices), 8 (= the attention chunk)
+  and 11 (slices straddle chunk boundaries) tokens: the same tokens as transformers' one-shot prefill."""
+  ref, ours = pairs(name)
+  ids, mask = left_padded([26, 17, 9], seed=seed)
+  assert_same_generation(ours, ref, ids, mask, prefill_chunk=prefill_chunk)
+
+
+def test_prefill_slices():
+  assert G.prefill_slices(26, 8) == [(0, 8), (8, 16), (16, 24), (24, 26)]
+  assert G.prefill_slices(8, 8) == [(0, 8)]
+  with pytest.raises(ValueError, match="prefill_chunk must be >= 1, got 0"):
+    G.prefill_slices(8, 0)
+
+
+def test_length_past_max_position_embeddings_is_refused(pairs):
+  _, ours = pairs("scout")
+  limit = ours.cfg.text.max_position_embeddings
+  with pytest.raises(ValueError, match=f"a prompt of {limit} tokens \\+ max_new_tokens=2 exceeds "
+                                       f"max_position_embeddings={limit}"):
+    G.generate(ours, np.ones((1, limit), np.int32), max_new_tokens=2)
+  with pytest.raises(ValueError, match=f"KV cache of {limit + 1} tokens exceeds max_position_embeddings={limit}"):
+    ours.init_cache(1, limit + 1, jnp.float32)
+  with pytest.raises(ValueError, match=f"sequence of {limit + 1} tokens exceeds max_position_embeddings"):
+    jax.eval_shape(lambda ids: ours(ids), jax.ShapeDtypeStruct((1, limit + 1), jnp.int32))
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 5])
+def test_image_prompt_matches_transformers(pairs, prefill_chunk):
   """Two rows, each with an image (3 tiles as 1x2 + global, then 1 tile), left-padded; prefill with
-  pixel_values, then text-only decoding."""
+  pixel_values (in one piece, or in 5-token slices: image features merged once, then sliced), then text-only
+  decoding."""
   ref, ours = pairs("scout")
   tpt = C.TINY_SCOUT.vision.tokens_per_tile
   patch = C.TINY_SCOUT.image_token_index
@@ -128,7 +160,7 @@ def test_image_prompt_matches_transformers(pairs):
     ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
   side = C.TINY_SCOUT.vision.image_size
   pv = np.random.RandomState(3).uniform(-1, 1, (4, 3, side, side)).astype(np.float32)
-  assert_same_generation(ours, ref, ids, mask, pixel_values=pv)
+  assert_same_generation(ours, ref, ids, mask, pixel_values=pv, prefill_chunk=prefill_chunk)
 
 
 @pytest.fixture(scope="module")

@@ -362,6 +362,14 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
   assert max(_losses(run_dir)) == 6
 
 
+def test_quantised_weights_are_not_trained(workdir):
+  """Integer weights are for serving: the run refuses before it writes anything."""
+  exp = tiny(workdir, "name=quant", "policy.quant=int8")
+  with pytest.raises(ValueError, match="policy.quant='int8': integer weights are for serving"):
+    loop.run(exp, log=lambda *_: None, devices=jax.devices()[:1])
+  assert not (workdir / "runs" / "quant").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Config and optimiser details
 

@@ -3,6 +3,7 @@
   python -m tools.plan --preset scout --mesh fsdp=8 --rules fsdp --dtype bfloat16
   python -m tools.plan --preset scout,maverick --hardware 8xh100,v5p-128,v6e-256   # choose a mesh per target
   python -m tools.plan --serve ...                                                  # serving: no optimizer
+  python -m tools.plan --serve --quant int4 [--group-size 128] [--quant-targets experts,mlp] [--max-context]
 
 With --mesh, the given layout is planned (--rules picks the preset, default fsdp). Without it, every
 --hardware target gets the layout `llama4_jax.apps.plan.choose_mesh` picks. The activation formula is in
@@ -68,12 +69,24 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--no-master", action="store_true", help="no fp32 master copy of low-precision parameters")
   ap.add_argument("--expert-fp8", action="store_true",
                   help="with --serve: routed experts held in FP8 + scales (Policy.expert_fp8, a --keep-fp8 checkpoint)")
+  ap.add_argument("--quant", choices=("int8", "int4"),
+                  help="with --serve: weight-only integer weights + scales at their real bytes (Policy.quant)")
+  ap.add_argument("--group-size", type=int, default=128, help="--quant int4 group along the contracted axis")
+  ap.add_argument("--quant-targets", default="experts", help="--quant: experts and/or mlp (shared + dense MLPs)")
+  ap.add_argument("--quant-scale-dtype", default="float32", choices=("float32", "bfloat16"))
+  ap.add_argument("--max-context", action="store_true",
+                  help="with --serve and --hardware: also the longest sequence that fits (batch --batch or 1)")
   args = ap.parse_args(argv)
   if args.expert_fp8 and not args.serve:
     ap.error("--expert-fp8 is for serving (--serve): FP8-stored experts are not trained")
+  if args.quant and not args.serve:
+    ap.error("--quant is for serving (--serve): quantised weights are not trained")
+  quant = {} if not args.quant else dict(quant=args.quant, quant_group=args.group_size,
+                                         quant_targets=tuple(args.quant_targets.split(",")),
+                                         quant_scale_dtype=args.quant_scale_dtype)
 
   policy = C.Policy(param_dtype=args.dtype, dtype=args.dtype, matmul_precision="default",
-                    expert_fp8=args.expert_fp8, attention_impl=args.attention)
+                    expert_fp8=args.expert_fp8, attention_impl=args.attention, **quant)
   base = planner.Workload(seq=args.seq, train=not args.serve, remat=args.remat, master_fp32=not args.no_master,
                            prefill_chunk=args.prefill_chunk)
   rows, notes = [], []
@@ -98,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
       _, _, p = planner.choose_mesh(cfg, policy, hw, work, strict=False)  # the smallest plan if none fits
       rows.append(_row(name, hw.name, hw.hbm_gib, work, p))
       notes.extend(p.notes)
+      if args.max_context and args.serve:
+        n, _ = planner.longest_context(cfg, policy, hw, dataclasses.replace(work, batch=args.batch or 1))
+        notes.append(f"{name} on {hw.name}: longest context that fits (batch {args.batch or 1}, prefill chunk "
+                     f"{args.prefill_chunk or 'none'}): {n} tokens")
   print(f"GiB per device; dtype {args.dtype}; seq {args.seq}; remat {args.remat}; attention {args.attention}; "
+        f"{'quant ' + args.quant + ' (' + args.quant_targets + ') ; ' if args.quant else ''}"
         f"batch {'one sequence per device' if not args.batch else args.batch}")
   print(table(rows))
   for n in notes:

@@ -119,6 +119,56 @@ def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, key, *, s
   return Decoding(out.cache, nxt, done, key)
 
 
+# Chunked prefill: the prompt runs through the cached forward a slice at a time (cache.py's T > 1 steps), so
+# prefill activations are those of one slice whatever the prompt length. Three compiled shapes at most.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "batch", "max_len", "cache_dtype"))
+def _empty_cache(graphdef, state, *, batch, max_len, cache_dtype):
+  return nnx.merge(graphdef, state).init_cache(batch, max_len, cache_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embeddings(graphdef, state, input_ids, pixel_values):
+  return nnx.merge(graphdef, state).embed(input_ids, pixel_values)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill"), donate_argnames=("cache",))
+def _prefill_slice(graphdef, state, input_ids, attention_mask, embeds, cache, *, prefill):
+  out = nnx.merge(graphdef, state).text.forward(input_ids, attention_mask, inputs_embeds=embeds, cache=cache,
+                                                prefill=prefill, last_only=True)
+  return out.logits, out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("sampling", "stop_ids", "pad_id"))
+def _first_token(logits, key, *, sampling, stop_ids, pad_id):
+  return _pick(jnp.zeros(logits.shape[:1], bool), key, logits, sampling, stop_ids, pad_id)
+
+
+def prefill_slices(T: int, chunk: int) -> list[tuple[int, int]]:
+  """[start, end) of each prefill slice: whole `chunk`s first (the first one fills the empty cache), the rest
+  last, so the one `prefill=True` slice (full-sequence attention: under context parallelism its length must
+  divide the `context` axis) is a whole chunk whenever the prompt is longer than one."""
+  if chunk < 1:
+    raise ValueError(f"prefill_chunk must be >= 1, got {chunk}")
+  cuts = list(range(0, T, chunk)) + [T]
+  return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _chunked_prefill(graphdef, state, input_ids, mask, pixel_values, key, *, chunk, sampling, stop_ids, pad_id,
+                     max_len, cache_dtype) -> Decoding:
+  B, T = input_ids.shape
+  cache = _empty_cache(graphdef, state, batch=B, max_len=max_len, cache_dtype=cache_dtype)
+  # text only: each slice embeds its own tokens; with images the merged embeddings are made once
+  embeds = None if pixel_values is None else _embeddings(graphdef, state, input_ids, pixel_values)
+  mask = jnp.ones((B, T), jnp.int32) if mask is None else mask
+  for i, (a, b) in enumerate(prefill_slices(T, chunk)):
+    logits, cache = _prefill_slice(graphdef, state, input_ids[:, a:b], mask[:, a:b],
+                                   None if embeds is None else embeds[:, a:b], cache, prefill=i == 0)
+  nxt, done, key = _first_token(logits, key, sampling=sampling, stop_ids=stop_ids, pad_id=pad_id)
+  return Decoding(cache, nxt, done, key)
+
+
 @functools.lru_cache(maxsize=16)
 def _decoder(graphdef, sampling, stop_ids, pad_id):
   """The jitted decode step of one model structure and sampling setup, made once: the static arguments are
@@ -151,14 +201,18 @@ def _defaults(model, stop_ids, pad_id) -> tuple[tuple[int, ...], int]:
 
 def stream(model, input_ids, attention_mask=None, *, pixel_values=None, max_new_tokens: int = 64,
            sampling: Sampling = GREEDY, stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
-           seed: int | jax.Array = 0, cache_dtype=None, cache_multiple: int = 64) -> Iterator[np.ndarray]:
+           seed: int | jax.Array = 0, cache_dtype=None, cache_multiple: int = 64,
+           prefill_chunk: int | None = None) -> Iterator[np.ndarray]:
   """Yields the [B] int32 tokens of each step (at most `max_new_tokens` steps).
 
   `model`: a `Llama4`. `seed`: an int or a PRNG key. `input_ids` [B, T] left-padded,
   `attention_mask` [B, T] (None: no padding). `stop_ids` default to the config's eos ids (the instruct set
   200001/200007/200008 for the release), `pad_id` to its pad id. The cache holds T + max_new_tokens tokens
-  rounded up to `cache_multiple` (fewer recompilations; unused slots are masked) in `cache_dtype` (default:
-  the compute dtype)."""
+  rounded up to `cache_multiple` (fewer recompilations; unused slots are masked), capped at the config's
+  `max_position_embeddings` (which T + max_new_tokens must not exceed), in `cache_dtype` (default: the
+  compute dtype). `prefill_chunk`: run a prompt longer than this in slices of this many tokens (chunked
+  prefill: activations bounded by the slice, the same tokens as one prefill up to float rounding; under
+  context parallelism pick a multiple of the `context` axis)."""
   if max_new_tokens < 1:
     return
   stops, pad = _defaults(model, stop_ids, pad_id)
@@ -169,12 +223,20 @@ def stream(model, input_ids, attention_mask=None, *, pixel_values=None, max_new_
   if pixel_values is not None:
     model.check_image_tokens(np.asarray(input_ids), pixel_values)
     pixel_values = jnp.asarray(pixel_values)
-  max_len = _round_up(input_ids.shape[1] + max_new_tokens, cache_multiple)
+  need, limit = input_ids.shape[1] + max_new_tokens, model.cfg.text.max_position_embeddings
+  if need > limit:
+    raise ValueError(f"a prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds "
+                     f"max_position_embeddings={limit} of the config")
+  max_len = min(_round_up(need, cache_multiple), limit)
   graphdef, state = nnx.split(model)
-  kw = dict(graphdef=graphdef, sampling=sampling, stop_ids=stops, pad_id=pad)
-  d = _prefill(state=state, input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
-               key=jax.random.key(seed) if isinstance(seed, int) else seed, max_len=max_len,
-               cache_dtype=jnp.dtype(cache_dtype or model.policy.dtype).name, **kw)
+  kw = dict(graphdef=graphdef, sampling=sampling, stop_ids=stops, pad_id=pad, max_len=max_len,
+            cache_dtype=jnp.dtype(cache_dtype or model.policy.dtype).name)
+  key = jax.random.key(seed) if isinstance(seed, int) else seed
+  if prefill_chunk is not None and input_ids.shape[1] > prefill_chunk:
+    d = _chunked_prefill(state=state, input_ids=input_ids, mask=mask, pixel_values=pixel_values, key=key,
+                         chunk=int(prefill_chunk), **kw)
+  else:
+    d = _prefill(state=state, input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, key=key, **kw)
   decode = _decoder(graphdef, sampling, stops, pad)
   for step in range(max_new_tokens):
     last = step + 1 == max_new_tokens
@@ -251,10 +313,15 @@ def generate_text(model, tokenizer, prompts, images=None, *, chat: bool = True, 
     inputs = build_inputs(tokenizer, prompts, images, cfg.vision, chat=chat, pad_id=pad)
     ids, mask, pixels = inputs.input_ids, inputs.attention_mask, inputs.pixel_values
   else:
-    if chat:  # the chat renderer SFT trains with (`chat.render_chat`)
-      rows = [render_chat(prompt_messages(p), tokenizer, add_generation_prompt=True)["tokens"] for p in prompts]
-    else:  # raw text after bos: any tokenizer (no chat special tokens needed)
-      rows = [tokenizer.encode(p, bos=tokenizer.bos_id is not None) for p in prompts]
+    rows = []
+    for b, p in enumerate(prompts):
+      try:
+        if chat:  # the chat renderer SFT trains with (`chat.render_chat`)
+          rows.append(render_chat(prompt_messages(p), tokenizer, add_generation_prompt=True)["tokens"])
+        else:  # raw text after bos: any tokenizer (no chat special tokens needed)
+          rows.append(tokenizer.encode(p, bos=tokenizer.bos_id is not None))
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"prompt {b}: {e}") from None
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros((len(rows), width), np.int32)

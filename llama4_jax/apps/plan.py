@@ -35,7 +35,9 @@ bounds the tokens of one forward. Training keeps AdamW's m and v in float32 (8 b
 gradient in the parameter dtype, and an fp32 master copy when parameters are stored in a lower precision
 and `master_fp32`.
 
-The estimate ignores XLA's temporary buffers and fragmentation: plans keep `headroom` (10%) free.
+Weight-only int8 / int4 weights (`Policy.quant`) count at their stored bytes (values and scales, from the
+abstract model). The estimate ignores XLA's temporary buffers and fragmentation (including the dequantised
+copy of one expert's weights a quantised matmul may materialise): plans keep `headroom` (10%) free.
 """
 
 from __future__ import annotations
@@ -75,12 +77,16 @@ class Hardware:
 
 
 HARDWARE = {
+    "1xh100": Hardware("1x H100 80GB", 1, 80.0),
+    "1xh200": Hardware("1x H200 141GB", 1, 140.0),
     "8xh100": Hardware("8x H100 80GB", 8, 80.0),
     "8xh200": Hardware("8x H200 141GB", 8, 140.0),
     "v5p-64": Hardware("TPU v5p-64 (32 chips)", 32, 95.0),
     "v5p-128": Hardware("TPU v5p-128 (64 chips)", 64, 95.0),
     "v5p-512": Hardware("TPU v5p-512 (256 chips)", 256, 95.0),
     "v6e-256": Hardware("TPU v6e-256", 256, 32.0),
+    "v5e-8": Hardware("TPU v5e-8", 8, 16.0),
+    "v6e-8": Hardware("TPU v6e-8", 8, 32.0),
 }
 
 
@@ -249,13 +255,13 @@ def candidates(cfg: Llama4Config, devices: int, train: bool = True,
 
 
 def choose_mesh(cfg: Llama4Config, policy: Policy, hardware: Hardware, work: Workload = Workload(),
-                headroom: float = 0.10, strict: bool = True) -> tuple[MeshConfig, Rules, MemoryPlan]:
+                headroom: float = 0.10, strict: bool = True, abstract=None) -> tuple[MeshConfig, Rules, MemoryPlan]:
   """The layout that fits with the least model parallelism: among the candidates whose plan fits in
   `hardware.hbm_gib * (1 - headroom)` and whose batch splits over its batch axes (no device repeating
   another's work), the one with the largest `data` axis (fewest per-layer collectives), then the least
   memory. If none fits: ValueError naming the smallest plan, or (with
   `strict=False`) that smallest plan itself."""
-  abstract = llama4.abstract(cfg, policy)
+  abstract = abstract if abstract is not None else llama4.abstract(cfg, policy)
   best, smallest = None, None
   for rules, sizes in candidates(cfg, hardware.devices, work.train, work.seq):
     p = plan(cfg, policy, rules, sizes, work, abstract=abstract)
@@ -275,6 +281,33 @@ def choose_mesh(cfg: Llama4Config, policy: Policy, hardware: Hardware, work: Wor
   else:
     _, rules, sizes, p = best
   return MeshConfig(**{a: sizes.get(a, 1) for a in MESH_AXES}), rules, p
+
+
+def longest_context(cfg: Llama4Config, policy: Policy, hardware: Hardware, work: Workload = Workload(train=False),
+                    step: int = 1024, limit: int | None = None,
+                    headroom: float = 0.10) -> tuple[int, MemoryPlan | None]:
+  """Serving: the longest sequence (a multiple of `step`, at most `limit`, default the config's
+  max_position_embeddings) for which some layout of `hardware` fits `work` (its batch, prefill chunk), and
+  that plan; (0, None) when not even `step` tokens fit. Bisection: memory grows with the sequence."""
+  hi = (limit or cfg.text.max_position_embeddings) // step
+  model = llama4.abstract(cfg, policy)
+
+  def fit(n):
+    try:
+      return choose_mesh(cfg, policy, hardware, dataclasses.replace(work, seq=n * step, train=False), headroom,
+                         abstract=model)[2]
+    except ValueError:
+      return None
+
+  lo, best = 0, None
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    p = fit(mid)
+    if p is not None:
+      lo, best = mid, p
+    else:
+      hi = mid - 1
+  return lo * step, best
 
 
 def _is_var(x) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -81,17 +82,30 @@ class ProcessedBatch(NamedTuple):
 
 
 def to_rgb(image, index: int = 0) -> np.ndarray:
-  """uint8 [H, W, 3] RGB from a PIL image or a uint8 [H, W, 3] array; `index` names it in errors."""
+  """uint8 [H, W, 3] RGB from an image file path, a PIL image or a uint8 [H, W, 3] array; `index` (and the
+  file name) name it in errors, a file that is not a decodable image included."""
   where = f"image {index}"
+  if isinstance(image, (str, os.PathLike)):
+    where = f"image {index} ({os.fspath(image)})"
+    try:
+      image = Image.open(image)
+      image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's decode errors
+      raise ValueError(f"{where}: not a readable image ({type(e).__name__}: {e})") from None
   if isinstance(image, Image.Image):
+    if getattr(image, "filename", ""):
+      where = f"image {index} ({image.filename})"
     if image.width == 0 or image.height == 0:
       raise ValueError(f"{where}: zero size ({image.width}x{image.height} pixels)")
     if image.mode not in _PIL_MODES:
       raise ValueError(f"{where}: unsupported PIL mode {image.mode!r}; expected one of {', '.join(_PIL_MODES)}")
-    if "A" in image.getbands() or "transparency" in image.info:  # as transformers: composite onto white
-      rgba = image.convert("RGBA")
-      image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(image.convert("RGB"))
+    try:
+      if "A" in image.getbands() or "transparency" in image.info:  # as transformers: composite onto white
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+      return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # a lazily opened file whose data is corrupt or truncated
+      raise ValueError(f"{where}: cannot decode the image ({type(e).__name__}: {e})") from None
   if isinstance(image, np.ndarray):
     if image.dtype != np.uint8:
       raise ValueError(f"{where}: numpy images must be uint8, got dtype {image.dtype}")
@@ -267,7 +281,7 @@ def preprocess_image(image, proc: ImageProcessing = ImageProcessing(), *, index:
 def preprocess_images(images: Sequence, proc: ImageProcessing = ImageProcessing(), *,
                       max_images: int | None = None) -> ProcessedBatch:
   """All tiles of several images (any sizes), concatenated in image order."""
-  if isinstance(images, (Image.Image, np.ndarray)):
+  if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
     images = [images]
   if max_images is not None and len(images) > max_images:
     raise ValueError(f"{len(images)} images given, more than max_images={max_images}")

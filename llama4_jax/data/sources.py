@@ -1,7 +1,8 @@
 """Reading raw documents: plain text files, JSONL with a text field, chat JSONL for SFT.
 
 Every reader returns plain Python data (strings, message lists); tokenisation happens in
-`pipeline.py`. Malformed input fails with the file and line in the message.
+`pipeline.py`. Malformed input fails with the file and line in the message, and so does a file that is
+missing, empty, binary (a NUL byte) or not UTF-8.
 """
 
 from __future__ import annotations
@@ -36,25 +37,56 @@ def read_text_documents(paths: Sequence[str | Path], separator: str | None = Non
   """One document per file, or, with `separator`, the non-empty pieces of each file split on it."""
   docs = []
   for path in paths:
-    text = Path(path).read_text(encoding="utf-8")
+    text = "".join(_text_lines(path))
+    if not text.strip():
+      raise DataFormatError(f"{path}: empty data file (no text)")
     pieces = [text] if separator is None else text.split(separator)
     docs.extend(p for p in pieces if p.strip())
   return docs
 
 
-def _jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-  """(line number, object) for every non-blank line of a JSONL file."""
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+def _text_lines(path: str | Path) -> Iterator[str]:
+  """The lines of a UTF-8 text file; DataFormatError naming the file (and line) when it is missing, not a
+  file, binary (a NUL byte) or not UTF-8."""
+  try:
+    f = open(path, "rb")
+  except FileNotFoundError:
+    raise DataFormatError(f"{path}: no such data file") from None
+  except OSError as e:
+    raise DataFormatError(f"{path}: cannot read the data file ({e.strerror})") from None
+  with f:
+    head = f.read(8192)
+    nul = head.find(b"\0")
+    if nul >= 0:
+      raise DataFormatError(f"{path}: binary data (a NUL byte at offset {nul}); expected UTF-8 text")
+    f.seek(0)
+    for line_no, raw in enumerate(f, 1):
+      if b"\0" in raw:
+        raise DataFormatError(f"{path}:{line_no}: binary data (a NUL byte); expected UTF-8 text")
       try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise DataFormatError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-      yield line_no, record
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                              f"{e.start + 1})") from None
+      yield text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads them
+
+
+def _jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+  """(line number, object) for every non-blank line of a JSONL file; a file without one is refused."""
+  n = 0
+  for line_no, line in enumerate(_text_lines(path), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataFormatError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+      raise DataFormatError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+    n += 1
+    yield line_no, record
+  if not n:
+    raise DataFormatError(f"{path}: empty data file (no JSON lines)")
 
 
 def read_jsonl_texts(path: str | Path, field: str = "text") -> list[str]:

@@ -15,7 +15,9 @@ assets follow.
 
 Peak host memory is about two copies of the largest single HF tensor (read buffer and transformed copy) plus
 the fixed cost of the imports, whatever the number of layers. Output is atomic (`atomic.atomic_dir`): an
-existing destination is only replaced with `overwrite=True`, and only after the new one is complete.
+existing destination is only replaced with `overwrite=True`, and only after the new one is complete; an
+output that is the input, lies inside it or contains it is refused (`check_destination`). Every tensor is
+checked for NaN / inf on its way through (`check_finite`): a warning naming it, or with `strict` a refusal.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from flax import nnx
 
 from llama4_jax.config import ConfigError, Policy, save_hf
 from llama4_jax.io import hf_keys, hf_sources, model_dir, orbax_store
+from llama4_jax.io import quantize as qio
 from llama4_jax.io import safetensors as st
 from llama4_jax.io.atomic import atomic_dir, writing
 from llama4_jax.io.load import resolve
-from llama4_jax.io.validate import CheckpointError
+from llama4_jax.io.validate import CheckpointError, check_finite
 from llama4_jax.model.llama4 import abstract
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 # (tokenizer, processor and generation configs, chat template, README, LICENSE...) travels as an asset.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _REBUILT = {"config.json", st.INDEX_FILE, "pytorch_model.bin.index.json"}
+_AS_IS = "converted as they are (--strict refuses)"  # what becomes of NaN / inf values without --strict
 
 
 @dataclasses.dataclass
@@ -116,19 +120,40 @@ def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
   return shape[:2] + shape[3:]
 
 
+def check_destination(dst: str, *inputs: str) -> None:
+  """Refuses an output directory that is an input, lies inside one (the input would change under the
+  conversion, and a re-run would read the output), or contains one (`--overwrite` would delete it)."""
+  d = os.path.realpath(dst)
+  for src in inputs:
+    s = os.path.realpath(src)
+    if d == s:
+      raise CheckpointError(f"{dst}: the output directory is the input directory; choose another output")
+    if d.startswith(s + os.sep):
+      raise CheckpointError(f"{dst}: the output directory lies inside the input directory {src}; choose one outside")
+    if s.startswith(d + os.sep):
+      raise CheckpointError(f"{dst}: the output directory contains the input {src} (replacing it would delete the "
+                            "input); choose another output")
+
+
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, keep_fp8: bool = False,
-                overwrite: bool = False) -> Stats:
+                overwrite: bool = False, strict: bool = False, quantize: str | None = None, group_size: int = 128,
+                method: str = "rtn") -> Stats:
   """Converts a HF directory (plain, compressed-tensors FP8 or fbgemm_fp8) into an Orbax model directory.
   `dtype`: stored parameter dtype (default: the checkpoint's; bfloat16 for FP8 sources). `keep_fp8`: store
-  the routed experts of an FP8 source as fp8 + scales (layout in `hf_sources`) instead of dequantising them."""
+  the routed experts of an FP8 source as fp8 + scales (layout in `hf_sources`) instead of dequantising them.
+  A tensor with NaN / inf values is converted with a warning naming it; `strict` refuses it.
+  `quantize` "int8" | "int4": store the routed experts as weight-only integers (`io.quantize`; int4 groups of
+  `group_size` along the contracted axis; `method` "rtn" or data-free "clip"), quantised from float32 reads."""
   t0 = time.time()
   source = resolve(src)
   if source.kind != "hf":
     raise CheckpointError(f"{source.path}: a {source.kind} directory, not a HF one (config.json + *.safetensors)")
   src, dst, cfg, layout = source.path, os.path.abspath(os.fspath(dst)), source.config, source.layout
+  check_destination(dst, src)
   if keep_fp8 and layout is None:
     raise ConfigError(f"{src}/config.json: --keep-fp8 needs an FP8 checkpoint (no quantization_config)")
-  sources = hf_sources.sources(cfg, st.list_tensors(src), layout)
+  tensors = st.list_tensors(src)
+  sources = hf_sources.sources(cfg, tensors, layout)
   out = _as_dtype(dtype or ("bfloat16" if layout else cfg.dtype))
   out_cfg = dataclasses.replace(cfg, dtype=out.name)
   leaves = {path: var.shape for path, var in nnx.to_flat_state(nnx.state(abstract(out_cfg, Policy())))}
@@ -139,6 +164,9 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
     missing = sorted(set(leaves) - set(by_path), key=str)
     raise CheckpointError(f"{src}: no tensor maps to parameter {orbax_store.leaf_name(missing[0])}")
   fp8_leaves = {p for p in leaves if keep_fp8 and _scale_leaf(p) and all(map(hf_sources.is_quantized, by_path[p]))}
+  if quantize is not None and keep_fp8:
+    raise ConfigError(f"--quantize {quantize} and --keep-fp8 both given: choose one format for the routed experts")
+  plan = None if quantize is None else qio.Plan.of(out_cfg, qio.serving_policy(quantize, group_size), method)
   stats = Stats()
   with atomic_dir(dst, overwrite) as tmp:
     with writing(dst, "the parameter checkpoint"):
@@ -148,7 +176,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
         if path in fp8_leaves:
           writer.create(path, shape, hf_sources.FP8, stacked)
           writer.create(_scale_leaf(path), _scale_shape(shape), np.float32, stacked)
-        else:
+        elif plan is None or not plan.create(writer, path, stacked):
           writer.create(path, shape, out, stacked)
     for s in sources:
       p = s.placement
@@ -157,9 +185,12 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
         q = p.entry.to_ours(q, cfg)
         scale = scale.reshape(q.shape[:1] + q.shape[2:])
         items = [(p.path, q), (_scale_leaf(p.path), scale)]
+      elif plan is not None and p.path in plan.leaves:
+        items = plan.items(p.path, p.entry.to_ours(s.read(np.dtype(np.float32)), cfg))
       else:
         items = [(p.path, p.entry.to_ours(s.read(out), cfg).astype(out, copy=False))]
       for path, x in items:
+        check_finite(x, f"{tensors[s.keys[0]].file}: key {p.key!r}", strict, _AS_IS)
         with writing(dst, f"{orbax_store.leaf_name(path)} (from {p.key})"):
           writer.write(path, x, p.index)
         stats.bytes_written += x.nbytes
@@ -170,7 +201,8 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
         log.info("%d/%d tensors", stats.tensors, len(sources))
     with writing(dst, "metadata, config and assets"):
       writer.finish()
-      model_dir.write_model_files(tmp, out_cfg, hf_sources.describe(layout) if fp8_leaves else None)
+      model_dir.write_model_files(tmp, out_cfg, hf_sources.describe(layout) if fp8_leaves else None,
+                                  None if plan is None else qio.record(plan.policy, method))
       _copy_assets(src, os.path.join(tmp, model_dir.ASSETS))
   stats.seconds = time.time() - t0
   return stats
@@ -181,21 +213,24 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
 
 
 def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
-                max_shard_size: int | str = "5GB", overwrite: bool = False) -> Stats:
+                max_shard_size: int | str = "5GB", overwrite: bool = False, strict: bool = False) -> Stats:
   """Exports an Orbax model directory, training step or run (its latest step) as a HF directory
-  `from_pretrained` loads. `dtype`: tensor dtype (default: the stored one; bfloat16 for FP8-stored experts)."""
+  `from_pretrained` loads. `dtype`: tensor dtype (default: the stored one; bfloat16 for FP8-stored experts).
+  A parameter with NaN / inf values is exported with a warning naming it; `strict` refuses it."""
   t0 = time.time()
   dst = os.path.abspath(os.fspath(dst))
   source = resolve(src)
   if source.kind == "hf":
     raise CheckpointError(f"{source.path}: already a HF directory; orbax-to-hf takes a model directory, a "
                           "training step or a run")
+  check_destination(dst, source.path, source.directory)
   cfg = source.config
   reader = orbax_store.ParamReader(source.params_dir)
   fp8 = any(reader.has(("text", "blocks", "layers", j) + scale) for j in range(cfg.text.layer_period)
             for scale in hf_sources.FP8_LEAVES.values())
   # What the config implies, checked against what is stored before anything is written.
-  model_dir.check_stored(reader, nnx.state(abstract(cfg, Policy(expert_fp8=fp8))))
+  policy = qio.policy_for(source.info if source.kind == "model" else {}, Policy(expert_fp8=fp8), source.path)
+  model_dir.check_stored(reader, nnx.state(abstract(cfg, policy)))
   out = _as_dtype(dtype) if dtype else reader.shape_dtype(("text", "embed"))[1]
   if out == hf_sources.FP8:
     out = _as_dtype("bfloat16")
@@ -216,8 +251,14 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
           scale = _scale_leaf(p.path)
           if fp8 and scale is not None:
             x = hf_sources.dequantize_ours(p.path, reader.read(p.path, p.index), reader.read(scale, p.index), out)
+          elif policy.quant != "none" and reader.has(qio.scale_path(p.path)):  # int8 / int4: exported dequantised
+            x = qio.dequantize_leaf(p.path, reader.read(p.path, p.index), reader.read(qio.scale_path(p.path), p.index),
+                                    out)
           else:
             x = reader.read(p.path, p.index, out)
+          block = "" if p.index is None else f" block {p.index}"
+          check_finite(x, f"{source.params_dir}: parameter {orbax_store.leaf_name(p.path)}{block} (HF key "
+                       f"{spec.key!r})", strict, _AS_IS)
           y = p.entry.to_hf(x, cfg)
           with writing(dst, f"{spec.key} into {name}"):
             writer.write(spec.key, y)

@@ -11,8 +11,10 @@ Everything is validated before a byte of weights is read (files present and read
 leaf there with the right shape and dtype, nothing unexpected: `hf_sources.sources`, `model_dir.check_stored`),
 so a bad checkpoint fails with an error naming the file and key and nothing is loaded half. HF tensors are
 then read one at a time straight into the (optionally sharded) parameter arrays: each device shard is filled
-by a callback reading only the tensors it needs. Orbax parameters are restored slice by slice onto the target
-shardings. A step trained with aux-loss-free balancing gets its MoE selection biases back.
+by a callback reading only the tensors it needs (a HF tensor holding NaN / inf is loaded with a warning naming
+it). Orbax parameters are restored slice by slice onto the target shardings. A step trained with aux-loss-free
+balancing gets its MoE selection biases back. A directory never reads outside itself (`safetensors.inside`),
+and pickle weights (`.bin`, `.pth`) are refused unread: unpickling can run code.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from flax import nnx
 
 from llama4_jax.config import Llama4Config, Policy, from_hf
 from llama4_jax.data.tokenizers import Tokenizer, load_tokenizer
-from llama4_jax.io import checkpointer, hf_sources, model_dir, orbax_store, targets
+from llama4_jax.io import checkpointer, hf_sources, model_dir, orbax_store, quantize, targets
 from llama4_jax.io import safetensors as st
-from llama4_jax.io.validate import CheckpointError
+from llama4_jax.io.validate import CheckpointError, check_finite
 from llama4_jax.model.llama4 import Llama4, abstract
 from llama4_jax.model.text import enable_selection_bias
 
@@ -42,6 +44,11 @@ log = logging.getLogger(__name__)
 
 KINDS = ("hf", "model", "step", "run")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# PyTorch's pickle formats: loading one can execute arbitrary code, so they are refused, never read.
+_PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
+_PICKLE_INDEX = "pytorch_model.bin.index.json"
+_PICKLE_REFUSED = ("not supported: pickle (PyTorch .bin / .pth files can run code when loaded); convert it to "
+                   "safetensors first, e.g. transformers' save_pretrained(..., safe_serialization=True)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,19 @@ class Source:
     return f"{self.kind} {self.path}"
 
 
+def _refuse_pickle_only(d: str) -> None:
+  """CheckpointError for a directory whose weights are only in pickle files (never unpickled: that runs code),
+  and for safetensors without their config.json."""
+  names = os.listdir(d)
+  has_safetensors = any(n.endswith(".safetensors") or n == st.INDEX_FILE for n in names)
+  pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES) or n == _PICKLE_INDEX)
+  if pickles and not has_safetensors:
+    raise CheckpointError(f"{os.path.join(d, pickles[0])}: {_PICKLE_REFUSED}")
+  if has_safetensors and not os.path.isfile(os.path.join(d, "config.json")):
+    raise CheckpointError(f"{os.path.join(d, 'config.json')}: missing (a HF directory needs config.json beside its "
+                          "*.safetensors)")
+
+
 def _is_hf(d: str) -> bool:
   return os.path.isfile(os.path.join(d, "config.json")) and (
       os.path.isfile(os.path.join(d, st.SINGLE_FILE)) or os.path.isfile(os.path.join(d, st.INDEX_FILE)))
@@ -115,14 +135,18 @@ def resolve(path: str | os.PathLike) -> Source:
   """What `path` is (see the module docstring); CheckpointError when it is none of the four."""
   p = os.path.abspath(os.fspath(path))
   if not os.path.isdir(p):
+    if p.endswith(_PICKLE_SUFFIXES) or os.path.basename(p) == _PICKLE_INDEX:
+      raise CheckpointError(f"{p}: {_PICKLE_REFUSED}")
     raise CheckpointError(f"{p}: no such directory")
+  _refuse_pickle_only(p)
   if _is_hf(p):
+    for name in ("config.json", st.INDEX_FILE):  # the shards are checked by `safetensors.list_tensors`
+      if os.path.lexists(os.path.join(p, name)):
+        st.inside(p, name)
+    cfg = from_hf(p)  # names a missing, malformed or absurd config.json
     with open(os.path.join(p, "config.json")) as f:
-      try:
-        layout = hf_sources.layout_of(json.load(f))
-      except json.JSONDecodeError:
-        layout = None  # from_hf below names the bad file
-    return Source("hf", p, p, from_hf(p), layout=layout)
+      layout = hf_sources.layout_of(json.load(f))
+    return Source("hf", p, p, cfg, layout=layout)
   if os.path.isfile(os.path.join(p, model_dir.CONFIG)) and orbax_store.is_params_dir(os.path.join(p, model_dir.PARAMS)):
     return Source("model", p, p, from_hf(os.path.join(p, model_dir.CONFIG)))
   if _is_step(p):
@@ -171,7 +195,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, policy: Policy | 
 
   `dtype` sets parameters and compute (`Policy.for_dtype`; default: the checkpoint's dtype, float16 read as
   bfloat16, bfloat16 for FP8 releases); `policy` overrides it entirely. A model directory written with
-  `--keep-fp8` loads with its routed experts in FP8 as stored (`Policy.expert_fp8` switched on). `shardings`:
+  `--keep-fp8` loads with its routed experts in FP8 as stored (`Policy.expert_fp8` switched on), one written with
+  `--quantize int8|int4` with its recorded scheme (`Policy.quant`; `io.quantize.policy_for`). `shardings`:
   a state of shardings with the model's structure (`sharding.param_shardings(abstract(cfg, policy), rules,
   mesh)`; default: the first device). `text_only` builds the text model alone (vision tensors not read).
   `tokenizer`: a `load_tokenizer` spec overriding the one found with the model."""
@@ -182,6 +207,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, policy: Policy | 
     policy = Policy.for_dtype(dtype or ("bfloat16" if source.layout else cfg.dtype))
   if fp8_stored:
     policy = dataclasses.replace(policy, expert_fp8=True)
+  # a model directory stored as int8 / int4 (llama4_jax.json "quant") loads quantised; a conflicting policy fails
+  policy = quantize.policy_for(source.info if source.kind == "model" else {}, policy, source.path)
   if source.kind == "hf":
     model = _from_hf(cfg, source, policy, shardings)
   else:
@@ -208,13 +235,18 @@ def _from_orbax(cfg: Llama4Config, source: Source, policy: Policy, shardings, bi
   return nnx.merge(graphdef, params, rest)
 
 
-def _leaf_builder(srcs: list, cfg: Llama4Config, dtype) -> Callable[[Any], np.ndarray]:
-  """Callback for `jax.make_array_from_callback`: the requested slice of one (possibly stacked) leaf."""
+def _leaf_builder(srcs: list, cfg: Llama4Config, dtype, tensors: dict, checked: set) -> Callable[[Any], np.ndarray]:
+  """Callback for `jax.make_array_from_callback`: the requested slice of one (possibly stacked) leaf. Each HF
+  tensor is checked for NaN / inf the first time it is read (a warning naming file and key)."""
   stacked = srcs[0].placement.index is not None
   by_block = {s.placement.index: s for s in srcs}
 
   def read(s):
-    return s.placement.entry.to_ours(s.read(dtype), cfg).astype(dtype, copy=False)
+    x = s.read(dtype)
+    if s.placement.key not in checked:
+      checked.add(s.placement.key)
+      check_finite(x, f"{tensors[s.keys[0]].file}: key {s.placement.key!r}")
+    return s.placement.entry.to_ours(x, cfg).astype(dtype, copy=False)
 
   def callback(index):
     if not stacked:
@@ -229,7 +261,8 @@ def _from_hf(cfg: Llama4Config, source: Source, policy: Policy, shardings) -> Ll
   if policy.expert_fp8:
     raise CheckpointError(f"{source.path}: policy.expert_fp8 needs a --keep-fp8 model directory "
                           "(python -m tools.convert hf-to-orbax SRC DST --keep-fp8); HF directories load dequantised")
-  srcs = hf_sources.sources(cfg, st.list_tensors(source.directory), source.layout)
+  tensors = st.list_tensors(source.directory)
+  srcs = hf_sources.sources(cfg, tensors, source.layout)
   graphdef, abs_state = nnx.split(abstract(cfg, policy))
   by_leaf: dict[tuple, list] = collections.defaultdict(list)
   for s in srcs:
@@ -241,11 +274,11 @@ def _from_hf(cfg: Llama4Config, source: Source, policy: Policy, shardings) -> Ll
   shard_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   dtype = np.dtype(jnp.dtype(policy.param_dtype))
-  leaves = []
+  leaves, checked = [], set()
   for path, var in flat.items():
     sh = shard_flat.get(path, default)
     sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-    arr = jax.make_array_from_callback(var.shape, sh, _leaf_builder(by_leaf[path], cfg, dtype))
+    arr = jax.make_array_from_callback(var.shape, sh, _leaf_builder(by_leaf[path], cfg, dtype, tensors, checked))
     leaves.append((path, var.replace(arr)))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 

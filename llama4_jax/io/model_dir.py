@@ -3,7 +3,8 @@
   params/          the Orbax checkpoint of the parameters' pure dict (`targets`; what
                    `ocp.StandardCheckpointer` writes, or `orbax_store.ParamWriter` streams)
   config.json      the HF config (`config.to_hf`), so the architecture travels with the weights
-  llama4_jax.json  {"format": 1, "fp8": null | description of stored FP8 leaves (see `hf_sources`)}
+  llama4_jax.json  {"format": 1, "fp8": null | description of stored FP8 leaves (see `hf_sources`),
+                    "quant": the weight-only int8 / int4 scheme, present only when quantised (see `quantize`)}
   assets/          tokenizer / processor / generation-config files of the HF source, copied verbatim
 
 `save_params` writes one atomically; `check_stored` is the validation of stored leaves against a model (used
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from llama4_jax import config as config_lib
-from llama4_jax.io import hf_sources, orbax_store, targets
+from llama4_jax.io import hf_sources, orbax_store, quantize, targets
 from llama4_jax.io.atomic import atomic_dir
 from llama4_jax.io.checkpointer import tree_of
 from llama4_jax.io.validate import CheckpointError, Validator
@@ -34,11 +35,12 @@ FORMAT_VERSION = 1
 _FLOATS = ("float32", "bfloat16", "float16")  # float leaves restore into any of these (cast on read)
 
 
-def write_model_files(directory: str, cfg: config_lib.Llama4Config, fp8: dict | None = None) -> None:
+def write_model_files(directory: str, cfg: config_lib.Llama4Config, fp8: dict | None = None,
+                      quant: dict | None = None) -> None:
   """config.json and llama4_jax.json of a model directory (being written inside `atomic_dir`)."""
   config_lib.save_hf(cfg, directory)
   with open(os.path.join(directory, INFO), "w") as f:
-    json.dump({"format": FORMAT_VERSION, "fp8": fp8}, f, indent=2)
+    json.dump({"format": FORMAT_VERSION, "fp8": fp8, **({"quant": quant} if quant else {})}, f, indent=2)
     f.write("\n")
 
 
@@ -68,7 +70,7 @@ def save_params(directory: str | os.PathLike, params: Any, cfg: config_lib.Llama
       ck.save(os.path.join(tmp, PARAMS), targets.to_pure(params))
       ck.wait_until_finished()
     if cfg is not None:
-      write_model_files(tmp, cfg, _fp8_record(params))
+      write_model_files(tmp, cfg, _fp8_record(params), quantize.record_of(params))
   return directory
 
 
@@ -96,7 +98,7 @@ def check_stored(reader: orbax_store.ParamReader, state: nnx.State, ignore_prefi
   for path, var in nnx.to_flat_state(state):
     dt = jnp.dtype(var.dtype)
     dtypes = _FLOATS if jnp.issubdtype(dt, jnp.floating) and dt.itemsize > 1 and path[-1] not in (
-        "gate_up_scale", "down_scale") else (dt.name,)
+        "gate_up_scale", "down_scale") and not str(path[-1]).endswith(quantize.SUFFIX) else (dt.name,)
     expected[orbax_store.leaf_name(path)] = (var.shape, dtypes)
   v = Validator(reader.stored(), reader.directory, what="parameter")
   v.need_all(expected)

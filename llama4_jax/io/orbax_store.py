@@ -207,8 +207,16 @@ class ParamReader:
       raise KeyError(f"{self.directory}: no stored parameter {leaf_name(keys)}")
     if keys not in self._open:
       spec = ts_utils.ArrayReadSpec(self.directory, self.paths[keys], use_zarr3=self._zarr3, use_ocdbt=self._ocdbt)
-      self._open[keys] = ts.open(spec.json, context=self._ctx).result()
+      try:
+        self._open[keys] = ts.open(spec.json, context=self._ctx).result()
+      except ValueError as e:  # tensorstore's I/O and format errors
+        raise self._unreadable(keys, e) from None
     return self._open[keys]
+
+  def _unreadable(self, keys: tuple, e: Exception) -> CheckpointError:
+    reason = str(e).split(" [tensorstore_spec=")[0]
+    return CheckpointError(f"{self.directory}: parameter {leaf_name(keys)!r} is unreadable (truncated or corrupt "
+                           f"files?): {reason}")
 
   def has(self, path: tuple) -> bool:
     return tuple(str(k) for k in path) in self.paths
@@ -237,12 +245,15 @@ class ParamReader:
       arr, chunks = arr[int(index)], chunks[1:]
     out = np.empty(tuple(arr.shape), arr.dtype.numpy_dtype)
     pending: collections.deque = collections.deque()
-    for piece in _pieces(out.shape, chunks):
-      if len(pending) >= in_flight:
+    try:
+      for piece in _pieces(out.shape, chunks):
+        if len(pending) >= in_flight:
+          done, fut = pending.popleft()
+          out[done] = fut.result()
+        pending.append((piece, arr[piece].read()))
+      while pending:
         done, fut = pending.popleft()
         out[done] = fut.result()
-      pending.append((piece, arr[piece].read()))
-    while pending:
-      done, fut = pending.popleft()
-      out[done] = fut.result()
+    except ValueError as e:  # tensorstore's I/O and format errors
+      raise self._unreadable(tuple(str(k) for k in path), e) from None
     return out

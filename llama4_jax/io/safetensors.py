@@ -111,7 +111,8 @@ def _parse_header(path: str, size: int) -> dict[str, TensorInfo]:
     if not 0 <= start <= end or end - start != want:
       raise bad(f"key {k!r}: data_offsets {[start, end]} do not hold {dtype}{list(shape)} ({want} bytes)")
     if end > data_size:
-      raise CheckpointError(f"{path}: truncated: key {k!r} ends at byte {data_start + end}, the file has {size}")
+      raise CheckpointError(f"{path}: truncated (or data_offsets past the end): key {k!r} ends at byte "
+                            f"{data_start + end}, the file has {size}")
     out[k] = TensorInfo(path, shape, dtype, data_start + start, want)
   spans = sorted((t.offset, t.offset + t.nbytes, k) for k, t in out.items() if t.nbytes)
   for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
@@ -120,14 +121,36 @@ def _parse_header(path: str, size: int) -> dict[str, TensorInfo]:
   return out
 
 
-def _inside(directory: str, name: str) -> str:
-  """The path of `name` (an index entry) if it names a file of `directory` itself (no absolute path, no
-  `..`), else CheckpointError."""
+def _hub_blobs(directory: str) -> str | None:
+  """The `blobs/` folder of a HF hub cache repo when `directory` (resolved) is one of its snapshots
+  (`models--org--name/snapshots/<revision>/`), else None."""
+  snapshots, _ = os.path.split(directory)
+  repo, base = os.path.split(snapshots)
+  return os.path.join(repo, "blobs") if base == "snapshots" else None
+
+
+def _within(path: str, root: str) -> bool:
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def inside(directory: str, name: str, listed_in: str | None = None) -> str:
+  """The path of `name` (a file of a checkpoint directory, e.g. an index entry), refused with CheckpointError
+  when it would read outside `directory`: an absolute name, a `..` part, or a symlink whose target lies
+  outside it. The one allowed exception is the HF hub cache layout, where the files of
+  `snapshots/<revision>/` are symlinks into the same repo's `blobs/`."""
+  where = os.path.join(directory, listed_in) if listed_in else os.path.join(directory, name)
   parts = name.replace("\\", "/").split("/")
   if os.path.isabs(name) or ".." in parts:
-    raise CheckpointError(f"{os.path.join(directory, INDEX_FILE)}: shard {name!r} lies outside the checkpoint "
-                          "directory (refused)")
-  return os.path.join(directory, name)
+    raise CheckpointError(f"{where}: file {name!r} lies outside the checkpoint directory (refused)")
+  path = os.path.join(directory, name)
+  root = os.path.realpath(directory)
+  target = os.path.realpath(path)
+  if not _within(target, root):
+    blobs = _hub_blobs(root)
+    if blobs is None or not _within(target, blobs):
+      raise CheckpointError(f"{path}: a symlink to {target}, outside the checkpoint directory {root} (refused; only "
+                            "the HF hub cache layout, snapshots/<revision>/ -> the repo's blobs/, may link out)")
+  return path
 
 
 def list_tensors(directory: str) -> dict[str, TensorInfo]:
@@ -149,7 +172,7 @@ def list_tensors(directory: str) -> dict[str, TensorInfo]:
     raise CheckpointError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
   out: dict[str, TensorInfo] = {}
   for name in files:
-    path = _inside(directory, name)
+    path = inside(directory, name, INDEX_FILE if weight_map is not None else None)
     if not os.path.exists(path):
       raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
     for key, info in read_header(path).items():

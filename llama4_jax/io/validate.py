@@ -1,11 +1,18 @@
 """The one check of stored tensors against what a config implies, used by every loader and both conversion
 directions: each expected name present with the implied shape and an allowed dtype, nothing unexpected.
 Errors name the file (or parameter directory) and the key, and are raised before a byte of weights is read.
+The values themselves are checked as they stream through (`check_finite`: NaN / inf).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Mapping, NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -68,3 +75,32 @@ class Validator:
     if extra:
       raise CheckpointError(f"{self.stored[extra[0]].location}: unexpected {self.what} {extra[0]!r}{_more(extra)} "
                             f"for {why}")
+
+
+def nonfinite(x: np.ndarray) -> tuple[int, int]:
+  """(NaN count, inf count) of a float array (bfloat16 and FP8 included; 0, 0 for others), counted a few MB
+  at a time: no full-size temporary."""
+  try:
+    ml_dtypes.finfo(x.dtype)
+  except ValueError:
+    return 0, 0
+  if x.ndim == 0:
+    x = x.reshape(1)
+  rows = max(1, (4 << 20) // max(1, x[:1].size * 4))
+  nan = inf = 0
+  for i in range(0, x.shape[0], rows):
+    c = np.asarray(x[i:i + rows], np.float32)
+    nan, inf = nan + int(np.isnan(c).sum()), inf + int(np.isinf(c).sum())
+  return nan, inf
+
+
+def check_finite(x: np.ndarray, name: str, strict: bool = False, as_is: str = "loaded as they are") -> None:
+  """Logs a warning naming the tensor (`name`: file and key) when it holds NaN or inf values (`as_is` says
+  what happens to them); with `strict` refuses it (CheckpointError)."""
+  nan, inf = nonfinite(x)
+  if not nan and not inf:
+    return
+  msg = f"{name}: {nan} NaN and {inf} inf values (of {x.size})"
+  if strict:
+    raise CheckpointError(f"{msg}; refused (--strict)")
+  log.warning("warning: %s; %s", msg, as_is)

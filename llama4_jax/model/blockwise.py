@@ -16,6 +16,8 @@ Forward, per query block (a `lax.scan` over the nq blocks):
 Backward (custom VJP): the same blocks are visited again; each block's probabilities are recomputed from
 the saved log-sum-exp, dq is accumulated per query block, dk / dv in float32 for the whole sequence.
 Memory is O((T + S) d) plus one block of scores, forward and backward; no [T, S] array ever exists.
+On chunked layers the blocks are capped at the chunk (rounded down to a multiple of 8), so a query block
+visits at most two key blocks and a small chunk does not pay for a large block's dead scores.
 """
 
 from __future__ import annotations
@@ -190,6 +192,8 @@ class _Layout:
     S, K = k.shape[1], k.shape[2]
     self.B, self.T, self.H, self.d, self.K = B, T, H, d, K
     self.self_attn = q_info is k_info
+    if chunk is not None:  # blocks no larger than the chunk: a query block then sees at most two key blocks
+      block_q, block_k = (min(b, max(8, chunk // 8 * 8)) for b in (block_q, block_k))
     bq = _block_size(T, block_q)
     bk = bq if self.self_attn else _block_size(S, block_k)
     self.Tp, self.Sp = -(-T // bq) * bq, -(-S // bk) * bk
@@ -250,7 +254,7 @@ def backward(q, k, v, q_info, k_info, out, lse, dout, chunk, precision=None, blo
 
 def block_flops(T: int, chunk: int | None, block: int = DEFAULT_BLOCK) -> float:
   """Fraction of the T x T score blocks self-attention visits (causal and chunk skipping), for benchmarks."""
-  b = _block_size(T, block)
+  b = _block_size(T, block if chunk is None else min(block, max(8, chunk // 8 * 8)))
   n = math.ceil(T / b)
   visited = 0
   for i in range(n):

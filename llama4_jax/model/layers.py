@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama4_jax.config import Policy
-from llama4_jax.model import fp8
+from llama4_jax.model import fp8, quant
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -54,6 +54,18 @@ def fp8_param(p: nnx.Param, contracted: tuple[int, ...]) -> tuple[nnx.Param, nnx
           nnx.Param(w.scale, out_sharding=kept, eager_sharding=False))
 
 
+def quant_param(p: nnx.Param, axis: int, policy: Policy) -> tuple[nnx.Param, nnx.Param]:
+  """A weight Param held as `policy.quant` integers (`quant.quantize`, round-to-nearest): the values under the
+  weight's logical names (packed int4 halve the contracted axis), and the scales under the same names, the
+  contracted axis becoming its groups (unnamed when there is a single group: per output channel)."""
+  names = tuple(p.get_metadata()["out_sharding"])
+  w = quant.quantize(p[...], axis, policy.quant, policy.quant_group, policy.quant_scale_dtype)
+  a = axis % len(names)
+  kept = names if w.scale.shape[a] > 1 else names[:a] + (None,) + names[a + 1:]
+  return (nnx.Param(w.q, out_sharding=names, eager_sharding=False),
+          nnx.Param(w.scale, out_sharding=kept, eager_sharding=False))
+
+
 def dtype_of(policy: Policy) -> jnp.dtype:
   return jnp.dtype(policy.dtype)
 
@@ -61,10 +73,13 @@ def dtype_of(policy: Policy) -> jnp.dtype:
 def einsum(eqn: str, x: jax.Array, w: jax.Array, policy: Policy, out_dtype=None, quantize: bool = True) -> jax.Array:
   """Every weight matmul of the model goes through here: the seam for FP8 recipes and precision choices.
 
-  `x` is the activation, `w` the weight (an array, or an `fp8.Stored` FP8 weight with its scales).
+  `x` is the activation, `w` the weight (an array, an `fp8.Stored` FP8 weight with its scales, or a
+  `quant.Quantized` integer weight, dequantised inside the program, activations untouched).
   `quantize=False` keeps a matmul out of FP8 (the lm_head unless `policy.fp8_lm_head`)."""
   dt, out = dtype_of(policy), out_dtype or dtype_of(policy)
   prec = precision(policy)
+  if isinstance(w, quant.Quantized):
+    return quant.einsum(eqn, x.astype(dt), w, dt, prec, fp8.contracted_axes(eqn)[1], out).astype(out)
   if isinstance(w, fp8.Stored):
     return fp8.stored_einsum(eqn, x.astype(dt), w, out, prec).astype(out)
   recipe = fp8.resolve(policy.fp8) if quantize else "off"

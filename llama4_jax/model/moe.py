@@ -12,7 +12,9 @@ Routing (reference 1.9), in order:
 
 Expert weights: gate_up [E, D, 2, I] (index 0 = gate, 1 = up), down [E, I, D]; Expert_e(u) =
 (silu(u @ gate_e) * (u @ up_e)) @ down_e. Either may be an `fp8.Stored` (FP8 values + per-output-channel
-scales [E, 2, I] / [E, D]; inference only): every path slices or dequantises it like the array it stands for.
+scales [E, 2, I] / [E, D]; inference only) or a `quant.Quantized` (int8 / packed int4 values + per-group
+scales [E, groups, 2, I] / [E, groups, D]; inference only): every path slices or dequantises it like the array
+it stands for.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import numpy as np
 
 import sharding
 from llama4_jax.config import Policy
-from llama4_jax.model import fp8
+from llama4_jax.model import fp8, quant
 from llama4_jax.model.layers import einsum, precision, swiglu
 
 # Logical axis names of the routed expert weights, and the axis each one sums over (D, I).
 GATE_UP_NAMES = ("experts", "embed", "gate_up", "expert_mlp")  # [E, D, 2, I]
 DOWN_NAMES = ("experts", "expert_mlp", "embed")  # [E, I, D]
 GATE_UP_CONTRACTED, DOWN_CONTRACTED = (1,), (1,)
+GATE_UP_AXIS, DOWN_AXIS = -3, -2  # the same axes counted from the end (`quant.Quantized.axis`)
 
 
 def route(x: jax.Array, router: jax.Array, k: int, policy: Policy, bias: jax.Array | None = None):
@@ -174,6 +177,8 @@ def ragged_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   if isinstance(gate_up, fp8.Stored):  # stored FP8 experts: their scales, activations quantised per token
     gate_up, down = gate_up.dequantize(GATE_UP_CONTRACTED, dt), down.dequantize(DOWN_CONTRACTED, dt)
     act = lambda a: fp8.qdq_rows(a.astype(dt), (-1,), fp8.E4M3, fp8.ACTIVATION_UB)  # noqa: E731
+  if isinstance(gate_up, quant.Quantized):  # integer experts: dequantised in the program, activations as they are
+    gate_up, down = gate_up.dequantize(dt), down.dequantize(dt)
   prec = precision(policy)
   h = jax.lax.ragged_dot(act(u), gate_up.reshape(E, D, 2 * I).astype(dt), sizes, precision=prec)
   h = h.reshape(N * k, 2, I)
@@ -199,13 +204,20 @@ def _without(names: tuple[str, ...], axes: tuple[int, ...]) -> tuple[str, ...]:
   return tuple(n for i, n in enumerate(names) if i not in axes)
 
 
-def weight_names(gate_up) -> list[tuple[str, ...]]:
+def weight_names(gate_up, down=None) -> list[tuple[str | None, ...]]:
   """Logical names of the leaves of the routed weights `(gate_up, down)`, in `jax.tree.leaves` order (an
   `fp8.Stored` pair adds its scales: the weight's names less the contracted axis)."""
   if isinstance(gate_up, fp8.Stored):
     return [GATE_UP_NAMES, _without(GATE_UP_NAMES, GATE_UP_CONTRACTED), DOWN_NAMES,
             _without(DOWN_NAMES, DOWN_CONTRACTED)]
+  if isinstance(gate_up, quant.Quantized):  # scales: the group axis keeps the contracted name (None if one group)
+    return [GATE_UP_NAMES, _scale_names(GATE_UP_NAMES, gate_up), DOWN_NAMES, _scale_names(DOWN_NAMES, down)]
   return [GATE_UP_NAMES, DOWN_NAMES]
+
+
+def _scale_names(names: tuple[str, ...], w: quant.Quantized) -> tuple[str | None, ...]:
+  a = w.axis % len(names)
+  return names if w.scale.shape[a] > 1 else names[:a] + (None,) + names[a + 1:]
 
 
 def routed(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up, down, policy: Policy) -> jax.Array:
@@ -214,4 +226,5 @@ def routed(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up, down, polic
   def local(x, idx, scores, weights, expected_rows):
     return EXPERT_IMPLS[policy.moe_impl](x, idx, scores, *weights, policy, expected_rows)
 
-  return sharding.routed_experts(local, x, idx, scores, (gate_up, down), weight_names(gate_up))
+  quant.observe(x, idx, scores, gate_up, down)  # calibration statistics (a no-op unless `quant.calibrating`)
+  return sharding.routed_experts(local, x, idx, scores, (gate_up, down), weight_names(gate_up, down))

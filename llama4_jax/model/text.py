@@ -27,9 +27,9 @@ import sharding
 from llama4_jax.config import Policy, TextConfig
 from llama4_jax.model import attention as attn_lib
 from llama4_jax.model import cache as cache_lib
-from llama4_jax.model import fp8, rope
+from llama4_jax.model import fp8, quant, rope
 from llama4_jax.model import moe as moe_lib
-from llama4_jax.model.layers import einsum, fp8_param, normal, ones, param, precision, rms_norm, swiglu
+from llama4_jax.model.layers import einsum, fp8_param, normal, ones, param, precision, quant_param, rms_norm, swiglu
 from sharding import constrain
 
 
@@ -107,12 +107,21 @@ class MLP(nnx.Module):
     self.gate = param(rngs, init, (dim, width), ("embed", "mlp"), dt)
     self.up = param(rngs, init, (dim, width), ("embed", "mlp"), dt)
     self.down = param(rngs, init, (width, dim), ("mlp", "embed"), dt)
+    self.gate_qscale = self.up_qscale = self.down_qscale = nnx.data(None)
+    if policy.quant != "none" and "mlp" in policy.quant_targets:  # integers in place, per-group scales beside
+      self.gate, self.gate_qscale = quant_param(self.gate, -2, policy)
+      self.up, self.up_qscale = quant_param(self.up, -2, policy)
+      self.down, self.down_qscale = quant_param(self.down, -2, policy)
     self.policy = policy
+
+  def _w(self, name: str):
+    w, s = getattr(self, name)[...], getattr(self, f"{name}_qscale")
+    return w if s is None else quant.Quantized(w, s[...], -2)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.policy
-    h = swiglu(einsum("...D,DF->...F", x, self.gate[...], p), einsum("...D,DF->...F", x, self.up[...], p))
-    return einsum("...F,FD->...D", h, self.down[...], p)
+    h = swiglu(einsum("...D,DF->...F", x, self._w("gate"), p), einsum("...D,DF->...F", x, self._w("up"), p))
+    return einsum("...F,FD->...D", h, self._w("down"), p)
 
 
 class SelectionBias(nnx.Variable):
@@ -137,6 +146,10 @@ class MoE(nnx.Module):
     if policy.expert_fp8:  # FP8 values in place, one float32 scale per output channel beside them
       self.gate_up, self.gate_up_scale = fp8_param(self.gate_up, moe_lib.GATE_UP_CONTRACTED)
       self.down, self.down_scale = fp8_param(self.down, moe_lib.DOWN_CONTRACTED)
+    self.gate_up_qscale = self.down_qscale = nnx.data(None)
+    if policy.quant != "none" and "experts" in policy.quant_targets:  # integers in place, per-group scales beside
+      self.gate_up, self.gate_up_qscale = quant_param(self.gate_up, moe_lib.GATE_UP_AXIS, policy)
+      self.down, self.down_qscale = quant_param(self.down, moe_lib.DOWN_AXIS, policy)
     self.shared = MLP(D, I, cfg.initializer_range, policy, rngs)
     self.top_k = cfg.num_experts_per_tok
     self.policy = policy
@@ -158,6 +171,9 @@ class MoE(nnx.Module):
       gate_up, down = self.gate_up[...], self.down[...]
       if self.gate_up_scale is not None:
         gate_up, down = fp8.Stored(gate_up, self.gate_up_scale[...]), fp8.Stored(down, self.down_scale[...])
+      if self.gate_up_qscale is not None:
+        gate_up = quant.Quantized(gate_up, self.gate_up_qscale[...], moe_lib.GATE_UP_AXIS)
+        down = quant.Quantized(down, self.down_qscale[...], moe_lib.DOWN_AXIS)
       routed = moe_lib.routed(xt, idx, scores, gate_up, down, self.policy)
     with jax.named_scope("shared_expert"):
       shared = self.shared(xt)
@@ -266,6 +282,7 @@ class TextModel(nnx.Module):
     With a `cache` (the tokens continue the cached ones; `prefill`: the cache is empty) the indices are
     cache indices and RoPE positions default to transformers' `generate` ones (cache.py, `begin`)."""
     B, T = input_ids.shape
+    check_length(self.cfg, T if cache is None else cache.max_len, "sequence" if cache is None else "KV cache")
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     step = None
     if cache is not None:
@@ -342,6 +359,7 @@ class TextModel(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype) -> cache_lib.KVCache:
     """An empty KV cache for `batch` rows of at most `max_len` tokens."""
+    check_length(self.cfg, max_len, "KV cache")
     return cache_lib.init(self.cfg, batch, max_len, dtype)
 
   def logits(self, h: jax.Array) -> jax.Array:
@@ -352,6 +370,14 @@ class TextModel(nnx.Module):
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None) -> jax.Array:
     return self.forward(input_ids, attention_mask, position_ids, segment_ids).logits
+
+
+def check_length(cfg: TextConfig, length: int, what: str) -> None:
+  """ValueError when `length` tokens exceed the config's `max_position_embeddings` (the reference does not
+  check; a position past it is outside what the config declares, so it is refused rather than extrapolated)."""
+  if length > cfg.max_position_embeddings:
+    raise ValueError(f"{what} of {length} tokens exceeds max_position_embeddings={cfg.max_position_embeddings} "
+                     f"of the config; raise max_position_embeddings to run longer sequences")
 
 
 def enable_selection_bias(model: nnx.Module) -> None:

@@ -87,6 +87,36 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Logit distillation (`llama4_jax.train.distill`): loss = alpha(step) * T^2 * KL(p_teacher^T || p_student^T)
+  + (1 - alpha(step)) * CE, both masked like the CE. Schedules of alpha: "constant" (alpha), "linear" and
+  "cosine" (alpha at step 0 -> alpha_end at the last step), "adaptive" (alpha_end + (alpha - alpha_end) *
+  clip((CE_student - CE_teacher) / (ln V - CE_teacher), 0, 1) on each batch: the weight moves to the hard
+  target as the student's CE approaches the teacher's)."""
+
+  teacher: str = ""  # any directory `llama4_jax.load` reads (HF, model, run or step directory)
+  temperature: float = 2.0  # T of both softmaxes
+  alpha: float = 0.5  # soft-target weight (constant), or at the start of linear / cosine / adaptive
+  alpha_end: float = 0.0  # soft-target weight at the last step (linear, cosine) or when the CE gap closes
+  schedule: str = "constant"  # "constant" | "linear" | "cosine" | "adaptive" (see above)
+  teacher_dtype: str = ""  # teacher parameters and compute dtype ("bfloat16"); "": the student's policy
+  topk_dir: str = ""  # precomputed teacher top-k logits (`distill.precompute_topk`); "": the teacher runs online
+  topk: int = 64  # logits kept per token by `precompute_topk`
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (`llama4_jax.train.lora`): W + (alpha / rank) * A @ B on the target weights, the base
+  frozen, optimizer state for the adapters only (and the router when `train_router`)."""
+
+  targets: tuple[str, ...] = ("q", "k", "v", "o")  # of: q k v o (attention), shared (shared expert),
+  #                                                   mlp (dense MLPs), experts (routed, per expert)
+  rank: int = 8  # r
+  alpha: float = 16.0  # the update is scaled by alpha / rank
+  train_router: bool = False  # the MoE routers get full updates too
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   """One training run: the model and every run-time choice, varied field by field with `override`."""
 
@@ -99,6 +129,8 @@ class Experiment:
   moe: MoEConfig = MoEConfig()  # router training signals
   data: DataConfig = DataConfig()  # token source, tokenizer, batch shape
   run: RunConfig = RunConfig()  # loop length, evaluation, checkpoints, logging
+  distill: DistillConfig | None = None  # logit distillation from a teacher (None: plain training)
+  lora: LoraConfig | None = None  # low-rank adapters on a frozen base (None: full training)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,12 +39,13 @@ from flax import nnx
 import sharding
 from llama4_jax import config as config_lib
 from llama4_jax.apps.generate import Sampling, generate_text
-from llama4_jax.io.checkpointer import Checkpointer
+from llama4_jax.io import quantize
+from llama4_jax.io.checkpointer import Checkpointer, read_meta
 from llama4_jax.io.load import load, resolve
 from llama4_jax.model import llama4
 from llama4_jax.model.counting import ParamCount, count_params
 from llama4_jax.model.text import enable_selection_bias
-from llama4_jax.train import checkpoints, data, metrics, optim, plots
+from llama4_jax.train import checkpoints, data, distill, lora, metrics, optim, plots
 from llama4_jax.train import step as step_lib
 from llama4_jax.train.budget import TimeBudget, with_total_steps
 from llama4_jax.train.config import Experiment, to_dict
@@ -107,11 +108,13 @@ class Setup:
   ck: Checkpointer
   it: Any  # the checkpointable train-batch iterator
   drops: DropMonitor
+  distill: distill.Plan | None = None  # the teacher / precomputed logits of `exp.distill`
 
 
 def setup(exp: Experiment, devices, log, t_start: float) -> Setup:
   """Mesh, rules, architecture, corpus (writes tokenizer.json, and experiment.json on process 0), the
   abstract train state with its shardings, the jitted steps, the checkpointer and the batch iterator."""
+  quantize.refuse_training(exp.policy)
   if exp.policy.expert_fp8:
     raise ValueError("policy.expert_fp8: FP8-stored expert weights are for inference; train with policy.fp8='train'")
   run_dir = os.path.abspath(os.path.join(exp.run.out_dir, exp.name))
@@ -122,20 +125,35 @@ def setup(exp: Experiment, devices, log, t_start: float) -> Setup:
   cfg, cfg_source = model_config(exp)
   corpus = _load_corpus(exp, cfg, run_dir)
   counts = count_params(cfg, exp.policy)
+  # the checks of LoRA targets, the run's kind and the teacher come before experiment.json is (re)written
+  freeze = exp.run.freeze_vision and cfg.vision is not None
+  parts, tx = _abstract_parts(exp, cfg, freeze)
+  ck_dir = os.path.join(run_dir, "checkpoints")
+  if os.path.isdir(ck_dir):
+    with Checkpointer(ck_dir, keep=exp.run.keep) as existing:
+      _check_same_kind(existing, exp)
+  plan = distill.plan(exp, cfg, parts, corpus.tokenizer, rules, mesh) if exp.distill else None
+  ck = Checkpointer(ck_dir, keep=exp.run.keep)
   if main:
     with open(os.path.join(run_dir, "experiment.json"), "w") as f:
       json.dump(to_dict(exp), f, indent=2)
     _log_setup(exp, corpus, cfg_source, counts, mesh, rules, log)
-  freeze = exp.run.freeze_vision and cfg.vision is not None
-  parts, tx = _abstract_parts(exp, cfg, freeze)
+    if plan:
+      log(f"[{exp.name}] {plan.describe()}")
+    if exp.lora:
+      log(f"[{exp.name}] LoRA rank {exp.lora.rank} alpha {exp.lora.alpha} on {', '.join(exp.lora.targets)}: "
+          f"{len(parts.specs)} weights, {_size(parts.params) / 1e6:.3f}M trainable parameters")
   shardings = step_lib.state_shardings(parts, tx, rules, mesh)
   batch_sh = sharding.batch_sharding(rules, mesh, (exp.data.batch_size, exp.data.seq_len))
-  train_step, eval_step = _jitted_steps(exp, cfg, parts, tx, shardings, batch_sh)
+  train_step, eval_step = _jitted_steps(exp, cfg, parts, tx, shardings, batch_sh, plan)
   return Setup(exp=exp, t_start=t_start, run_dir=run_dir, main=main, mesh=mesh, rules=rules, cfg=cfg,
                corpus=corpus, counts=counts, freeze=freeze, parts=parts, tx=tx, shardings=shardings,
-               batch_sharding=batch_sh, train_step=train_step, eval_step=eval_step,
-               ck=Checkpointer(os.path.join(run_dir, "checkpoints"), keep=exp.run.keep),
-               it=data.train_iterator(corpus, exp.data), drops=DropMonitor())
+               batch_sharding=batch_sh, train_step=train_step, eval_step=eval_step, ck=ck,
+               it=data.train_iterator(corpus, exp.data), drops=DropMonitor(), distill=plan)
+
+
+def _size(template) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(template)))
 
 
 def _load_corpus(exp: Experiment, cfg: config_lib.Llama4Config, run_dir: str) -> data.Corpus:
@@ -166,17 +184,30 @@ def _abstract_parts(exp: Experiment, cfg, freeze: bool) -> tuple[ModelParts, opt
   abstract_model = llama4.abstract(cfg, exp.policy)
   if exp.moe.bias_balancing:
     enable_selection_bias(abstract_model)
-  parts, *_ = ModelParts.split(abstract_model, freeze)
+  if exp.lora:
+    parts = lora.LoraParts.build(abstract_model, exp.lora)
+  else:
+    parts, *_ = ModelParts.split(abstract_model, freeze)
   return parts, optim.make(exp.optim, parts.params)
 
 
 def _jitted_steps(exp: Experiment, cfg, parts: ModelParts, tx, shardings: TrainState,
-                  batch_sh) -> tuple[Callable, Callable]:
-  """(train step, eval step), jitted with the state's and the batch's shardings (traced at the first call)."""
+                  batch_sh, plan: distill.Plan | None = None) -> tuple[Callable, Callable]:
+  """(train step, eval step), jitted with the state's and the batch's shardings (traced at the first call).
+  With distillation the train step also takes the teacher's parameters (bound here) or top-k batch keys."""
   k = cfg.text.num_experts_per_tok
-  step_fn = step_lib.make_train_step(parts, tx, exp.optim, exp.moe, k, exp.optim.grad_accum)
-  return (step_lib.jit_train_step(step_fn, shardings, batch_sh),
-          step_lib.jit_eval_step(step_lib.make_eval_step(parts, k), shardings, batch_sh))
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(parts, k), shardings, batch_sh)
+  if plan is None:
+    step_fn = step_lib.make_train_step(parts, tx, exp.optim, exp.moe, k, exp.optim.grad_accum)
+    return step_lib.jit_train_step(step_fn, shardings, batch_sh), eval_step
+  step_fn = step_lib.make_train_step(parts, tx, exp.optim, exp.moe, k, exp.optim.grad_accum, plan.terms_fn)
+  jitted = step_lib.jit_train_step(step_fn, shardings, batch_sh, step_lib.BATCH_KEYS + plan.batch_keys,
+                                   plan.aux_shardings)
+  return functools.partial(_with_aux, jitted, plan.aux_args), eval_step
+
+
+def _with_aux(jitted: Callable, aux: tuple, state: TrainState, batch: dict):
+  return jitted(state, batch, *aux)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +235,8 @@ def _fresh_params(exp: Experiment, cfg, rules, mesh, freeze: bool) -> tuple[dict
     model = llama4.init(cfg, exp.policy, seed=exp.run.seed, shardings=shardings)
   if exp.moe.bias_balancing:
     enable_selection_bias(model)
+  if exp.lora:
+    return lora.LoraParts.build(model, exp.lora).split_values(model, exp.run.seed)
   _, params, frozen, bias = ModelParts.split(model, freeze)
   return params, frozen, bias
 
@@ -231,6 +264,22 @@ def _restore(s: Setup, step: int, log) -> TrainState:
   if s.main:
     log(f"[{exp.name}] resumed from step {step} of {int(state.total_steps)} ({s.ck.directory})")
   return state
+
+
+def _check_same_kind(ck: Checkpointer, exp: Experiment) -> None:
+  """The run directory's checkpoints, if any, were written by a run of the same kind (LoRA with the same
+  settings, or full): ValueError naming both settings otherwise, before anything is read or written."""
+  step = ck.latest_step()
+  if step is None:
+    return
+  saved = (read_meta(os.path.join(ck.directory, str(step))).get("experiment") or {}).get("lora")
+  now = to_dict(exp).get("lora")
+  if saved != now:
+    def what(x):
+      return "a full run (lora=None)" if x is None else f"a LoRA run (lora={x})"
+    raise ValueError(f"{ck.directory}: step {step} was written by {what(saved)}; continuing it as {what(now)} is "
+                     "not possible: resume with the run's own lora settings, or start a new run (another name / "
+                     "out_dir)")
 
 
 def _init(s: Setup, resume: bool, log) -> TrainState:
@@ -281,7 +330,8 @@ class Reporter:
     rec = {"split": "train", "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
            "balance": m["balance"], "z_loss": m["z_loss"], "tokens": m["tokens"], "step_s": dt,
            "tokens_per_s": tok_s, "mfu": tok_s * self.flops_tok / self.peak, "load": m["load"],
-           "dropped": self.drops.take()}
+           "dropped": self.drops.take(),
+           **{k: m[k] for k in ("objective", "ce", "kl", "teacher_ce", "alpha") if k in m}}
     if not self.writer:
       return
     self.writer.write(step, rec, tb_prefix="train" if log_now else None)
@@ -364,7 +414,11 @@ class LoopResult:
 
 def _train_step(s: Setup, state: TrainState) -> tuple[TrainState, dict, float]:
   """(state, host metrics, wall time of the step, the batch's placement excluded) on the next batch."""
-  batch = _global(next(s.it), s.batch_sharding)
+  raw = next(s.it)
+  batch = _global(raw, s.batch_sharding)
+  if s.distill and s.distill.reader:
+    extra = s.distill.reader.batch(int(state.step), np.asarray(raw["inputs"]))
+    batch.update({k: jax.make_array_from_process_local_data(s.batch_sharding, v) for k, v in extra.items()})
   t0 = time.perf_counter()
   state, m = s.train_step(state, batch)
   m = jax.device_get(m)
@@ -445,6 +499,10 @@ def finish(s: Setup, state: TrainState, start: int) -> tuple[dict, str]:
   run took no step since the one it resumed from), and before the checkpointer closes."""
   if int(state.step) > start or s.ck.latest_step() is None:
     _save(s, state, force=True)
+  if s.exp.lora and s.main:
+    lora.save_adapters(os.path.join(s.run_dir, "adapter"), state.params, s.exp.lora, s.exp.run.init_from,
+                       overwrite=True)
+    lora.save_merged(os.path.join(s.run_dir, "merged"), s.parts, state.params, state.frozen, s.cfg, overwrite=True)
   val = evaluate(s.eval_step, state, data.eval_batches(s.corpus, s.exp.data), s.batch_sharding)
   text = _sample(s, state) if s.exp.run.sample_prompt else ""
   s.ck.wait()
@@ -469,6 +527,7 @@ def summarize(s: Setup, rep: Reporter, result: LoopResult, val: dict, text: str,
       **phases_s, "wall_s": time.perf_counter() - s.t_start,
       "params": s.counts.total, "active_params": s.counts.active, "sample_prompt": exp.run.sample_prompt,
       "sample": text, "run_dir": s.run_dir,
+      **({"adapter_bytes": lora.adapter_bytes(result.state.params)} if exp.lora else {}),
   }
 
 
@@ -484,9 +543,12 @@ def write_outputs(s: Setup, rep: Reporter, summary: dict, log) -> None:
   baseline = s.corpus.unigram_baseline
   png = plots.loss_curve(metrics.read_jsonl(rep.writer.path), os.path.join(run_dir, "loss.png"),
                          baseline=baseline, title=exp.name)
+  if exp.distill:
+    distill.plot(metrics.read_jsonl(rep.writer.path), os.path.join(run_dir, "distill.png"), title=exp.name)
   base = f" (unigram baseline {baseline:.3f})" if baseline is not None else ""
-  log(f"[{exp.name}] step {summary['steps']}: train loss {summary['train_loss']:.3f}, validation loss "
-      f"{summary['val_loss']:.3f}{base}, perplexity {summary['val_perplexity']:.1f}; "
+  fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731 (steps=0: no train loss yet)
+  log(f"[{exp.name}] step {summary['steps']}: train loss {fmt(summary['train_loss'], '.3f')}, validation loss "
+      f"{fmt(summary['val_loss'], '.3f')}{base}, perplexity {fmt(summary['val_perplexity'], '.1f')}; "
       + (f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%}; " if summary["tokens_per_s"] is not None
          else "")
       + f"{summary['wall_s']:.0f}s in all")

@@ -12,7 +12,6 @@ with n_tokens the number of trained tokens of the whole batch, so the result doe
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -38,6 +37,8 @@ class Terms:
   balance: jax.Array  # L_bal (1.0 = balanced; 0 without MoE layers)
   z: jax.Array  # router z-loss
   counts: jax.Array  # [L_moe, E] weighted expert assignments ([0, 0] without MoE layers)
+  extra: dict = dataclasses.field(default_factory=dict)  # sums of an objective beyond the CE (distillation):
+  #   "loss_sum" is added to ce_sum in the loss; every other entry is logged as a per-token mean
 
 
 jax.tree_util.register_dataclass(Terms, data_fields=[f.name for f in dataclasses.fields(Terms)], meta_fields=[])
@@ -50,14 +51,18 @@ def forward_terms(parts: ModelParts, top_k: int, params: dict, frozen: dict, bia
                       logits=False)
   ce_sum, tokens = chunked_cross_entropy_sum(model.text.logits, out.hidden, batch["targets"], batch["loss_mask"],
                                              model.policy.logits_chunk)
-  rl = out.router_logits
+  return Terms(ce_sum, tokens, *router_terms(parts, top_k, out.router_logits, bias, batch["segment_ids"]))
+
+
+def router_terms(parts: ModelParts, top_k: int, rl: jax.Array | None, bias: dict,
+                 segment_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(L_bal, z-loss, counts [L_moe, E]) of the router logits of a forward (zeros without MoE layers)."""
   if rl is None:
     zero = jnp.zeros((), jnp.float32)
-    return Terms(ce_sum, tokens, zero, zero, jnp.zeros((0, 0), jnp.float32))
-  weights = (batch["segment_ids"] > 0).reshape(-1).astype(jnp.float32)
+    return zero, zero, jnp.zeros((0, 0), jnp.float32)
+  weights = (segment_ids > 0).reshape(-1).astype(jnp.float32)
   counts = router.selection_counts(rl, top_k, weights, stack_bias(parts, bias))
-  return Terms(ce_sum, tokens, router.load_balance_loss(rl, counts, weights), router.router_z_loss(rl, weights),
-               counts)
+  return router.load_balance_loss(rl, counts, weights), router.router_z_loss(rl, weights), counts
 
 
 def _micro_batches(batch: dict, n: int) -> dict:
@@ -67,27 +72,33 @@ def _micro_batches(batch: dict, n: int) -> dict:
     if B % n:
       raise ValueError(f"grad_accum={n} does not divide the batch of {B} rows")
     return x.reshape(B // n, n, *x.shape[1:]).swapaxes(0, 1)
-  return {k: split(batch[k]) for k in BATCH_KEYS}
+  return {k: split(v) for k, v in batch.items()}
 
 
 def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, optim: OptimConfig, moe: MoEConfig,
-                    top_k: int, grad_accum: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """(state, batch) -> (state, metrics). `tx` gives the update direction (`optim.make`), applied with
+                    top_k: int, grad_accum: int = 1,
+                    terms_fn: Callable | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """(state, batch, *aux) -> (state, metrics). `tx` gives the update direction (`optim.make`), applied with
   -learning_rate(step, state.total_steps). Metrics: loss (mean token CE), balance, z_loss, grad_norm, lr,
-  tokens, load [L_moe, E] (fraction of assignments per expert). Not jitted (see `jit_train_step`)."""
-  terms_fn = functools.partial(forward_terms, parts, top_k)
+  tokens, load [L_moe, E] (fraction of assignments per expert), and the per-token means of `Terms.extra`.
+  `terms_fn(params, frozen, bias, micro_batch, step, total_steps, *aux) -> Terms` replaces the plain forward
+  (distillation: `aux` = the teacher's parameters). Not jitted (see `jit_train_step`)."""
+  if terms_fn is None:
+    def terms_fn(params, frozen, bias, mb, *_):
+      return forward_terms(parts, top_k, params, frozen, bias, mb)
 
-  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def step(state: TrainState, batch: dict, *aux) -> tuple[TrainState, dict]:
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
     def objective(params, mb):
-      t = terms_fn(params, state.frozen, state.bias, mb)
-      loss = t.ce_sum / n_tokens + (moe.aux_loss_coef * t.balance + moe.z_loss_coef * t.z) / grad_accum
+      t = terms_fn(params, state.frozen, state.bias, mb, state.step, state.total_steps, *aux)
+      loss = ((t.ce_sum + t.extra.get("loss_sum", 0.0)) / n_tokens
+              + (moe.aux_loss_coef * t.balance + moe.z_loss_coef * t.z) / grad_accum)
       return loss, t
 
     grad_fn = jax.grad(objective, has_aux=True)
     if grad_accum == 1:
-      grads, t = grad_fn(state.params, {k: batch[k] for k in BATCH_KEYS})
+      grads, t = grad_fn(state.params, dict(batch))
     else:
       micro = _micro_batches(batch, grad_accum)
       shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))
@@ -116,7 +127,10 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, optim: 
         "lr": lr,
         "tokens": t.tokens,
         "load": router.load_fraction(t.counts),
+        **{k: v / n_tokens for k, v in t.extra.items() if k != "loss_sum"},
     }
+    if "loss_sum" in t.extra:
+      metrics["objective"] = (t.ce_sum + t.extra["loss_sum"]) / n_tokens
     new = dataclasses.replace(state, step=state.step + 1, params=params, bias=bias, opt_state=opt_state)
     return new, metrics
 
@@ -146,11 +160,14 @@ def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, rules, 
                     opt_state=opt, rng=replicated)
 
 
-def jit_train_step(step_fn, shardings: TrainState, batch_sharding) -> Callable:
+def jit_train_step(step_fn, shardings: TrainState, batch_sharding, batch_keys: tuple[str, ...] = BATCH_KEYS,
+                   aux_shardings: tuple = ()) -> Callable:
   """The sharded, jitted step: the state keeps its shardings (and is donated), batches are split over the
-  data axes, metrics are replicated."""
-  batch_sh = {k: batch_sharding for k in BATCH_KEYS}
-  return jax.jit(step_fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+  data axes, metrics are replicated. `batch_keys`: the batch's arrays (extra ones, e.g. precomputed teacher
+  logits, split like the tokens); `aux_shardings`: of the step's extra arguments (a teacher's parameters)."""
+  batch_sh = {k: batch_sharding for k in batch_keys}
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sh, *aux_shardings), out_shardings=(shardings, None),
+                 donate_argnums=0)
 
 
 def jit_eval_step(step_fn, shardings: TrainState, batch_sharding) -> Callable:
