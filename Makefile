@@ -7,6 +7,13 @@ DATA    := data
 SHAKESPEARE := $(DATA)/shakespeare/.unpacked
 ARGS    ?=
 
+# glibc malloc: serve large buffers from the heap and keep freed memory for reuse. XLA:CPU allocates its large
+# per-call buffers afresh; from glibc's default (a fresh mmap per buffer) each one page-faults in, which made
+# the CPU train step ~2x slower (docs/BENCHMARKS.md, "Model vs transformers"). Every target inherits it (the
+# torch reference in the benchmarks too). Set the same two variables when running python directly.
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
+
 .PHONY: setup lint test test-all train eval convert bench bench-gpu plan clean distill lora
 
 setup: $(STAMP)

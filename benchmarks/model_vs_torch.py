@@ -44,6 +44,7 @@ from flax import nnx
 from benchmarks.matmul_ceiling import median_s, threads
 from llama4_jax import config as C
 from llama4_jax import load
+from llama4_jax.train import losses
 
 _TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
@@ -106,10 +107,9 @@ def _ours(model, ids: jax.Array, runs_fwd: int, runs_train: int, log) -> dict:
   def forward(params, ids):
     return nnx.merge(graphdef, params, rest)(ids)
 
-  def loss_fn(params, ids):
-    logits = forward(params, ids)[:, :-1]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+  def loss_fn(params, ids):  # the training loop's cross-entropy (train.losses), mean over the shifted tokens
+    ce, tokens = losses.cross_entropy_sum(forward(params, ids)[:, :-1], ids[:, 1:], jnp.ones_like(ids[:, 1:]))
+    return ce / tokens
 
   def step(params, opt_state, ids):
     loss, grads = jax.value_and_grad(loss_fn)(params, ids)

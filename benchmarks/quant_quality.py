@@ -1,6 +1,6 @@
 """Quality of weight-only quantisation on the `make train` model: held-out Shakespeare perplexity and bits per
-byte for fp32, bf16, fp8 experts, int8, int4 (RTN) and int4 (clip search, data-free and calibrated), and greedy
-generations of a few prompts side by side.
+byte for fp32, bf16, fp8 experts, int8, int4 (RTN), int4 (clip search, data-free and calibrated) and int4 GPTQ
+(calibrated), and greedy generations of a few prompts side by side.
 
   python -m benchmarks.quant_quality                            # runs/shakespeare_cpu, all validation works
   python -m benchmarks.quant_quality --max-docs 2 --update-docs # a quicker subset; rewrite the BENCHMARKS section
@@ -10,7 +10,8 @@ The run directory is only read: every quantised model directory is written under
 variants run with bfloat16 compute (their weights dequantised to bfloat16 inside the matmul), so the reference
 for them is the bf16 row. The fp8 row holds the routed experts as float8_e4m3fn with per-output-channel scales
 and per-token FP8 activations (`Policy.expert_fp8`), built in memory from the float weights. Calibration
-("int4 clip+calib") uses the first --calib-tokens tokens of the training works (never the held-out ones).
+("int4 clip+calib", "int4 GPTQ") uses the first --calib-tokens (GPTQ also --gptq-tokens) tokens of the training
+works (never the held-out ones).
 "routed-expert output error": sum ||y_q - y||^2 / sum ||y||^2 of the routed experts' outputs (float64, numpy)
 on what they receive over the first --error-tokens held-out tokens: a finer measure than perplexity of how
 close each quantizer stays to the float experts.
@@ -157,6 +158,7 @@ def main(argv=None) -> int:
   ap.add_argument("--seq-len", type=int, default=0, help="window (default: the run's training seq_len)")
   ap.add_argument("--group-size", type=int, default=128)
   ap.add_argument("--calib-tokens", type=int, default=1024)
+  ap.add_argument("--gptq-tokens", type=int, default=8192, help="calibration tokens of the larger GPTQ rows")
   ap.add_argument("--prompts", type=int, default=3)
   ap.add_argument("--error-tokens", type=int, default=2048, help="held-out tokens of the output-error column")
   ap.add_argument("--new-tokens", type=int, default=40)
@@ -193,19 +195,25 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     calib = os.path.join(tmp, "calib.txt")
     with open(calib, "w") as f:
-      f.write("\n".join(w.text for w in train)[: 40 * args.calib_tokens])  # ~4 characters per token
+      f.write("\n".join(w.text for w in train)[: 40 * max(args.calib_tokens, args.gptq_tokens)])  # ~4 chars/token
     G_ = args.group_size
     variants = [("int8", "int8", {}, "int8, per output channel"),
                 ("int4 RTN", "int4", {}, f"int4, groups of {G_}, round to nearest"),
                 ("int4 clip", "int4", {"method": "clip"}, f"int4, groups of {G_}, clip search (weight MSE)"),
                 ("int4 clip+calib", "int4", {"method": "clip", "calib": calib, "calib_tokens": args.calib_tokens},
-                 f"int4, groups of {G_}, clip search weighted by {args.calib_tokens} calibration tokens")]
+                 f"int4, groups of {G_}, clip search on the output error of {args.calib_tokens} calibration tokens")]
+    gptq = {"method": "gptq", "calib": calib}
+    variants += [(f"int4 GPTQ ({n})", "int4", {**gptq, "calib_tokens": n},
+                  f"int4, groups of {G_}, GPTQ on {n} calibration tokens")
+                 for n in (args.calib_tokens, args.gptq_tokens)]
     mlp = {"targets": ("experts", "mlp")}  # also the shared expert: a harder test than the routed experts alone
     variants += [("int4 RTN +mlp", "int4", mlp, f"int4 g{G_} RTN, routed and shared experts"),
                  ("int4 clip +mlp", "int4", {**mlp, "method": "clip"}, f"int4 g{G_} clip, routed and shared experts"),
                  ("int4 clip+calib +mlp", "int4", {**mlp, "method": "clip", "calib": calib,
                                                    "calib_tokens": args.calib_tokens},
-                  f"int4 g{G_} clip (routed: calibrated), routed and shared experts")]
+                  f"int4 g{G_} clip (calibrated), routed and shared experts"),
+                 (f"int4 GPTQ ({args.gptq_tokens}) +mlp", "int4", {**mlp, **gptq, "calib_tokens": args.gptq_tokens},
+                  f"int4 g{G_} GPTQ on {args.gptq_tokens} calibration tokens, routed and shared experts")]
     for name, scheme, kw, desc in variants:
       d = os.path.join(tmp, re.sub(r"\W+", "_", name))
       Q.quantize_model(args.run, d, scheme, group_size=G_, **kw)

@@ -79,8 +79,11 @@ def _version(mod: str) -> str:
 
 def _git_commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    return f"{head} + uncommitted changes" if dirty else head
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 

@@ -5,6 +5,7 @@
       --image photo.png --temperature 0.6 --top-p 0.9
   python -m experiments.generate --checkpoint DIR --prompt "One" --prompt "Two"      # a left-padded batch
   python -m experiments.generate --hf DIR --prompt-file book.txt --prefill-chunk 32768   # a long prompt
+  python -m experiments.generate --hf DIR --prompt-file book.txt --kv-cache int8   # half the KV memory of bf16
 
 --checkpoint: anything `llama4_jax.load` reads (a training run directory, its checkpoints/ or one step, a
 converted model directory, a HF release directory); --hf: the same, for a HF release directory.
@@ -13,6 +14,8 @@ Chat format (`--chat auto`): on with the Llama 4 tokenizer or with images, off o
 bos). Images are marked in the prompt by `<|image|>`; without a marker they go before the text.
 Greedy by default; the instruct release's generation_config uses --temperature 0.6 --top-p 0.9.
 Stops at the tokenizer's eos ids (Llama 4: <|end_of_text|>, <|eom|>, <|eot|>).
+--kv-cache int8 holds the KV cache as int8 with a float32 scale per token and kv head (`model.cache.Int8KV`);
+the default keeps it in the compute dtype.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--top-p", type=float, default=1.0)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="parameters and compute (default: as stored)")
+  ap.add_argument("--kv-cache", choices=("float32", "bfloat16", "int8"),
+                  help="KV cache dtype (default: the compute dtype); int8: per-token-per-head scales")
   args = ap.parse_args(argv)
   for path in args.prompt_file:
     try:
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
   t0 = time.perf_counter()
   outs = G.generate_text(loaded.model, tok, prompts, images, chat=chat, max_new_tokens=args.max_new_tokens,
-                         sampling=sampling, seed=args.seed, on_text=show, prefill_chunk=args.prefill_chunk)
+                         sampling=sampling, seed=args.seed, on_text=show, prefill_chunk=args.prefill_chunk,
+                         cache_dtype=args.kv_cache)
   dt = time.perf_counter() - t0
   if single:
     print()

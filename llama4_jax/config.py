@@ -404,6 +404,23 @@ FP32 = Policy()
 
 
 # --------------------------------------------------------------------------------------------------
+# Low-rank adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (`llama4_jax.model.lora`, trained by `llama4_jax.train.lora`): W + (alpha / rank) * A @ B
+  on the target weights, the base frozen, optimizer state for the adapters only (and the router when
+  `train_router`). An experiment's `lora` field; its JSON form is that of adapter_config.json."""
+
+  targets: tuple[str, ...] = ("q", "k", "v", "o")  # of: q k v o (attention), shared (shared expert),
+  #                                                   mlp (dense MLPs), experts (routed, per expert)
+  rank: int = 8  # r
+  alpha: float = 16.0  # the update is scaled by alpha / rank
+  train_router: bool = False  # the MoE routers get full updates too
+
+
+# --------------------------------------------------------------------------------------------------
 # Presets
 
 

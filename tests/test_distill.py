@@ -211,6 +211,26 @@ def test_online_teacher_and_top_k_with_k_vocab_give_the_same_loss(step_setup):
   assert abs(float(few["kl"]) - float(on["kl"])) > 1e-3
 
 
+def test_an_int8_teacher_gives_nearly_the_float_teachers_loss(step_setup):
+  """`distill.teacher_quant="int8"`: the teacher's experts and MLPs held as int8 (quantised after loading);
+  the objective and its terms stay within 1% of the float teacher's, and the int8 weights are really used."""
+  ss = step_setup
+  exp = ss["exp"]
+  dcfg = dataclasses.replace(exp.distill, teacher_quant="int8")
+  corpus = train_data.load_corpus(exp.data)
+  mesh = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
+  t8 = distill.load_teacher(dcfg, exp.model, exp.policy, corpus.tokenizer, sharding.preset("fsdp"), mesh)
+  assert "quantised to int8" in t8.description
+  assert {np.dtype(x.dtype) for x in jax.tree.leaves(t8.args)} >= {np.dtype(np.int8)}
+  f32 = _terms(ss, exp.distill, ss["teacher"].parts)(ss["batch"], *ss["teacher"].args)
+  q8 = _terms(ss, dcfg, t8.parts)(ss["batch"], *t8.args)
+  for key in ("objective", "kl", "teacher_ce"):
+    np.testing.assert_allclose(float(q8[key]), float(f32[key]), rtol=1e-2, err_msg=key)
+  assert float(q8["teacher_ce"]) != float(f32["teacher_ce"])
+  with pytest.raises(ValueError, match="distill.teacher_quant='int3'"):
+    distill.validate(dataclasses.replace(dcfg, teacher_quant="int3"))
+
+
 def test_precomputed_top_k_files_stream_and_check_alignment(workdir, teacher_dir):
   exp = _exp(workdir, teacher_dir, topk=VOCAB)
   out = distill.precompute_topk(exp, 3, str(workdir / "topk"), log=lambda *_: None, dtype="float32")

@@ -48,6 +48,7 @@ def _infos(t=T):
 
 
 INFO, SEG = _infos()
+BW_ATTENTION, A_ATTENTION = BW.attention, A.attention  # the originals, for tests that patch them
 REAL = (SEG != 0)[:, :, None, None]
 
 
@@ -123,6 +124,26 @@ def test_implementation_choice_and_errors():
   assert A.resolve("auto", "gpu") == "cudnn" and A.resolve("auto", "tpu") == "splash"
   with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU.*'cpu'"):
     A.resolve("cudnn", "cpu")
+
+
+def test_auto_on_cpu_picks_by_key_count(monkeypatch):
+  """`auto` on CPU: xla's one score matrix for self-attention over few keys, blockwise past AUTO_XLA_KEYS
+  (and for attention over other keys than the queries' own); both exact."""
+  ran = []
+  monkeypatch.setattr(BW, "attention", lambda *a, **k: ran.append("blockwise") or BW_ATTENTION(*a, **k))
+  monkeypatch.setattr(A, "attention", lambda *a, **k: ran.append("xla") or A_ATTENTION(*a, **k))
+  q, k, v = _qkv()
+  ref = A_ATTENTION(q, k, v, INFO, INFO, CHUNK, HI)
+  for keys, want in ((T, "xla"), (T - 1, "blockwise")):
+    monkeypatch.setattr(A, "AUTO_XLA_KEYS", keys)
+    ran.clear()
+    out = A.attend(q, k, v, INFO, INFO, None, "auto", packed=True, precision=HI)
+    assert ran == [want]
+    assert rel(out * REAL, A_ATTENTION(q, k, v, INFO, INFO, None, HI) * REAL) < 2e-6
+  ran.clear()
+  other = A.TokenInfo(INFO.seg, INFO.mpos)  # equal values, not the queries' own info: a cache-like call
+  out = A.attend(q, k, v, INFO, other, CHUNK, "auto", packed=True, precision=HI)
+  assert ran == ["blockwise"] and rel(out * REAL, ref * REAL) < 2e-6
   with pytest.raises(C.ConfigError, match="policy.attention_impl.*'flash'"):
     C.Policy(attention_impl="flash")
 

@@ -363,9 +363,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 def test_quantised_weights_are_not_trained(workdir):
-  """Integer weights are for serving: the run refuses before it writes anything."""
+  """Integer weights train only frozen under LoRA: a full run refuses before it writes anything."""
   exp = tiny(workdir, "name=quant", "policy.quant=int8")
-  with pytest.raises(ValueError, match="policy.quant='int8': integer weights are for serving"):
+  with pytest.raises(ValueError, match="policy.quant='int8': integer weights cannot be trained in full; train LoRA"):
     loop.run(exp, log=lambda *_: None, devices=jax.devices()[:1])
   assert not (workdir / "runs" / "quant").exists()
 

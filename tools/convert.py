@@ -4,8 +4,8 @@
   python -m tools.convert orbax-to-hf ORBAX_DIR HF_DIR [--max-shard-size 5GB] [--dtype bfloat16] [--overwrite]
       [--strict]
   python -m tools.convert hf-to-orbax HF_DIR ORBAX_DIR --quantize int8|int4 [--group-size 128] [--method rtn|clip]
-  python -m tools.convert quantize ORBAX_DIR OUT_DIR --quantize int8|int4 [--group-size 128] [--method rtn|clip]
-      [--calib FILE.txt] [--calib-tokens 512]
+  python -m tools.convert quantize ORBAX_DIR OUT_DIR --quantize int8|int4 [--group-size 128]
+      [--method rtn|clip|gptq] [--calib FILE.txt] [--calib-tokens 512] [--quant-targets experts,mlp]
 
 hf-to-orbax reads plain (fp32/bf16/fp16) checkpoints and the FP8 releases (compressed-tensors, fbgemm_fp8;
 dequantised to --dtype, default bfloat16, unless --keep-fp8). orbax-to-hf takes a converted model directory,
@@ -17,7 +17,8 @@ unwritable destination. The library is `llama4_jax.io.convert`.
 --quantize stores the routed experts as weight-only integers for serving (int8 per output channel, int4 in groups
 of --group-size along the contracted axis; `llama4_jax.io.quantize`); `quantize` does it to an existing float
 model directory, training step or run (`llama4_jax.apps.quantize`; --calib weights the clip search with the
-routed experts' inputs on a text file). orbax-to-hf exports a quantised model dequantised (floats in --dtype).
+routed experts' inputs on a text file; --method gptq needs --calib: GPTQ with those inputs' second moments).
+orbax-to-hf exports a quantised model dequantised (floats in --dtype).
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("dst", metavar="OUT_DIR")
   c.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR once the new one is complete")
   _quant_args(c, required=True)
-  c.add_argument("--calib", metavar="FILE", help="text file: weight the clip search by the experts' inputs on it")
+  c.add_argument("--calib", metavar="FILE",
+                 help="text file: calibration inputs of the clip search (weights) or of gptq (required there)")
+  c.add_argument("--quant-targets", default="experts",
+                 help="comma-separated: experts (routed), mlp (shared expert and dense MLPs); default experts")
   c.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens read from --calib (default 512)")
   return ap
 
@@ -75,8 +79,9 @@ def _quant_args(p: argparse.ArgumentParser, required: bool = False) -> None:
   p.add_argument("--quantize", choices=("int8", "int4"), required=required,
                  help="routed experts as weight-only integers + scales (serving; orbax-to-hf dequantises)")
   p.add_argument("--group-size", type=int, default=128, help="int4 group along the contracted axis (default 128)")
-  p.add_argument("--method", choices=("rtn", "clip"), default="rtn",
-                 help="rtn: round to nearest, per-group absmax; clip: per-group clipping search (default rtn)")
+  p.add_argument("--method", choices=("rtn", "clip", "gptq"), default="rtn",
+                 help="rtn: round to nearest, per-group absmax; clip: per-group clipping search; gptq: GPTQ with "
+                      "calibration statistics (quantize --calib only) (default rtn)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                   group_size=args.group_size, method=args.method)
     elif args.command == "quantize":
       stats = quantize.quantize_model(args.src, args.dst, args.quantize, args.group_size, args.method, args.calib,
-                                      args.calib_tokens, overwrite=args.overwrite)
+                                      args.calib_tokens, targets=tuple(args.quant_targets.split(",")),
+                                      overwrite=args.overwrite)
     else:
       stats = convert.orbax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                   overwrite=args.overwrite, strict=args.strict)

@@ -4,6 +4,9 @@
   python -m tools.plan --preset scout,maverick --hardware 8xh100,v5p-128,v6e-256   # choose a mesh per target
   python -m tools.plan --serve ...                                                  # serving: no optimizer
   python -m tools.plan --serve --quant int4 [--group-size 128] [--quant-targets experts,mlp] [--max-context]
+      [--kv-cache int8]                                                             # int8 KV cache
+  python -m tools.plan --lora-rank 16 [--lora-targets q,k,v,o] [--quant int4 --quant-targets experts,mlp]
+                                                                                    # LoRA / QLoRA training
 
 With --mesh, the given layout is planned (--rules picks the preset, default fsdp). Without it, every
 --hardware target gets the layout `llama4_jax.apps.plan.choose_mesh` picks. The activation formula is in
@@ -23,22 +26,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning needs no accelerator
 from llama4_jax import config as C  # noqa: E402
 from llama4_jax.apps import plan as planner  # noqa: E402
 from llama4_jax.model import llama4  # noqa: E402
+from llama4_jax.train import lora as lora_lib  # noqa: E402
+from llama4_jax.train.config import LoraConfig  # noqa: E402
 from sharding.mesh import MeshConfig  # noqa: E402
 from sharding.rules import PRESETS as RULES  # noqa: E402
 
-_COLS = ("model", "target", "mode", "rules", "mesh", "params", "grads", "adam m+v", "master", "acts", "total",
-         "HBM", "fits")
+_COLS = ("model", "target", "mode", "rules", "mesh", "params", "adapters", "grads", "adam m+v", "master", "acts",
+         "total", "HBM", "fits")
 
 
 def _gib(x: float) -> str:
   return f"{x / planner.GiB:.1f}"
 
 
-def _row(model: str, target: str, hbm: float | None, work: planner.Workload, p: planner.MemoryPlan) -> tuple[str, ...]:
+def _row(model: str, target: str, hbm: float | None, work: planner.Workload, p: planner.MemoryPlan,
+         mode: str = "") -> tuple[str, ...]:
   mesh = ",".join(f"{a}={n}" for a, n in p.mesh.items())
   fits = "-" if hbm is None else ("yes" if p.fits(hbm) else "no")
-  return (model, target, "train" if work.train else "serve", p.rules, mesh, _gib(p.params), _gib(p.grads),
-          _gib(p.optimizer), _gib(p.master), _gib(p.activations), _gib(p.total),
+  adapters = f"{p.adapters / 2 ** 20:.1f}M" if p.adapters else "-"  # MiB: adapters are small
+  return (model, target, mode or ("train" if work.train else "serve"), p.rules, mesh, _gib(p.params), adapters,
+          _gib(p.grads), _gib(p.optimizer), _gib(p.master), _gib(p.activations), _gib(p.total),
           "-" if hbm is None else f"{hbm:.0f}", fits)
 
 
@@ -66,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--prefill-chunk", type=int, default=0,
                   help="with --serve: tokens per forward of a sliced prefill (0: the whole prompt at once)")
   ap.add_argument("--serve", action="store_true", help="serving: parameters + forward activations + KV cache")
+  ap.add_argument("--kv-cache", choices=("float32", "bfloat16", "int8"),
+                  help="with --serve: KV cache dtype (default: --dtype); int8: per-token-per-head float32 scales")
   ap.add_argument("--no-master", action="store_true", help="no fp32 master copy of low-precision parameters")
   ap.add_argument("--expert-fp8", action="store_true",
                   help="with --serve: routed experts held in FP8 + scales (Policy.expert_fp8, a --keep-fp8 checkpoint)")
@@ -76,11 +85,21 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--quant-scale-dtype", default="float32", choices=("float32", "bfloat16"))
   ap.add_argument("--max-context", action="store_true",
                   help="with --serve and --hardware: also the longest sequence that fits (batch --batch or 1)")
+  ap.add_argument("--lora-rank", type=int, default=0,
+                  help="plan LoRA training of this rank: the base frozen (no grads / optimizer state), adapters "
+                       "trained; with --quant or --expert-fp8 the base stays in that form (QLoRA)")
+  ap.add_argument("--lora-targets", default="q,k,v,o", help=f"--lora-rank: adapted weights, of {lora_lib.TARGETS}")
   args = ap.parse_args(argv)
-  if args.expert_fp8 and not args.serve:
-    ap.error("--expert-fp8 is for serving (--serve): FP8-stored experts are not trained")
-  if args.quant and not args.serve:
-    ap.error("--quant is for serving (--serve): quantised weights are not trained")
+  if args.lora_rank and args.serve:
+    ap.error("--lora-rank plans training: drop --serve")
+  if args.expert_fp8 and not (args.serve or args.lora_rank):
+    ap.error("--expert-fp8 is for serving (--serve) or a frozen LoRA base (--lora-rank): FP8-stored experts are "
+             "not trained in full")
+  if args.quant and not (args.serve or args.lora_rank):
+    ap.error("--quant is for serving (--serve) or a frozen LoRA base (--lora-rank, QLoRA): quantised weights are "
+             "not trained in full")
+  lora = LoraConfig(targets=tuple(args.lora_targets.split(",")), rank=args.lora_rank) if args.lora_rank else None
+  mode = f"lora r={args.lora_rank}" if lora else ""
   quant = {} if not args.quant else dict(quant=args.quant, quant_group=args.group_size,
                                          quant_targets=tuple(args.quant_targets.split(",")),
                                          quant_scale_dtype=args.quant_scale_dtype)
@@ -88,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
   policy = C.Policy(param_dtype=args.dtype, dtype=args.dtype, matmul_precision="default",
                     expert_fp8=args.expert_fp8, attention_impl=args.attention, **quant)
   base = planner.Workload(seq=args.seq, train=not args.serve, remat=args.remat, master_fp32=not args.no_master,
-                           prefill_chunk=args.prefill_chunk)
+                           prefill_chunk=args.prefill_chunk, kv_cache_dtype=args.kv_cache or "")
   rows, notes = [], []
   for name in args.preset.split(","):
     cfg = C.PRESETS[name.strip()]
@@ -99,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--mesh needs explicit sizes (no -1): the planner has no devices to fill with")
       devices = math.prod(mesh.sizes_dict().values())
       work = dataclasses.replace(base, batch=args.batch or devices)
-      p = planner.plan(cfg, policy, RULES[args.rules], mesh, work, abstract=abstract)
-      rows.append(_row(name, f"{devices} devices", None, work, p))
+      p = planner.plan(cfg, policy, RULES[args.rules], mesh, work, abstract=abstract, lora=lora)
+      rows.append(_row(name, f"{devices} devices", None, work, p, mode))
       notes.extend(p.notes)
       continue
     for hw_name in args.hardware.split(","):
@@ -108,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--hardware {hw_name.strip()!r}: unknown target; targets: {sorted(planner.HARDWARE)}")
       hw = planner.HARDWARE[hw_name.strip()]
       work = dataclasses.replace(base, batch=args.batch or hw.devices)
-      _, _, p = planner.choose_mesh(cfg, policy, hw, work, strict=False)  # the smallest plan if none fits
-      rows.append(_row(name, hw.name, hw.hbm_gib, work, p))
+      _, _, p = planner.choose_mesh(cfg, policy, hw, work, strict=False, abstract=abstract, lora=lora)  # smallest
+      rows.append(_row(name, hw.name, hw.hbm_gib, work, p, mode))  # plan if none fits
       notes.extend(p.notes)
       if args.max_context and args.serve:
         n, _ = planner.longest_context(cfg, policy, hw, dataclasses.replace(work, batch=args.batch or 1))
@@ -117,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.prefill_chunk or 'none'}): {n} tokens")
   print(f"GiB per device; dtype {args.dtype}; seq {args.seq}; remat {args.remat}; attention {args.attention}; "
         f"{'quant ' + args.quant + ' (' + args.quant_targets + ') ; ' if args.quant else ''}"
+        f"{'KV cache ' + args.kv_cache + '; ' if args.kv_cache and args.serve else ''}"
+        f"{f'LoRA rank {lora.rank} on {args.lora_targets}; ' if lora else ''}"
         f"batch {'one sequence per device' if not args.batch else args.batch}")
   print(table(rows))
   for n in notes:

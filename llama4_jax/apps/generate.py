@@ -210,8 +210,9 @@ def stream(model, input_ids, attention_mask=None, *, pixel_values=None, max_new_
   200001/200007/200008 for the release), `pad_id` to its pad id. The cache holds T + max_new_tokens tokens
   rounded up to `cache_multiple` (fewer recompilations; unused slots are masked), capped at the config's
   `max_position_embeddings` (which T + max_new_tokens must not exceed), in `cache_dtype` (default: the
-  compute dtype). `prefill_chunk`: run a prompt longer than this in slices of this many tokens (chunked
-  prefill: activations bounded by the slice, the same tokens as one prefill up to float rounding; under
+  compute dtype; "int8": int8 keys and values with a float32 scale per token and kv head, `cache.Int8KV`,
+  about half the bytes of bfloat16). `prefill_chunk`: run a prompt longer than this in slices of this many
+  tokens (chunked prefill: activations bounded by the slice, the same tokens as one prefill up to float rounding; under
   context parallelism pick a multiple of the `context` axis)."""
   if max_new_tokens < 1:
     return

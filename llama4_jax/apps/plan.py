@@ -30,13 +30,26 @@ replicated fallbacks of dimensions a mesh axis does not divide). Activations are
 Serving (train=False): one layer's a_layer + the logits of the last position, plus the KV cache
   (batch per device) * (L_rope * min(chunk, seq) + L_nope * seq / context) * 2 K d b / tp
 (RoPE layers never need more than a chunk of keys; the global layers' slots split over the context axis).
+An int8 KV cache (`Workload.kv_cache_dtype="int8"`, `cache.Int8KV`) holds 2 K (d + 4) bytes per layer and
+token (values and float32 scales) instead of 2 K d b, plus the dequantised copy (dtype b) of one global
+layer's keys and values that its attention reads.
 A long prompt is prefilled in slices (`generate.stream(prefill_chunk=...)`): `Workload.prefill_chunk`
 bounds the tokens of one forward. Training keeps AdamW's m and v in float32 (8 bytes per parameter), the
 gradient in the parameter dtype, and an fp32 master copy when parameters are stored in a lower precision
 and `master_fp32`.
 
 Weight-only int8 / int4 weights (`Policy.quant`) count at their stored bytes (values and scales, from the
-abstract model). The estimate ignores XLA's temporary buffers and fragmentation (including the dequantised
+abstract model).
+
+LoRA (`lora=LoraConfig`, `model.lora`, trained by `train.lora`): the base is frozen in its stored dtype (bf16,
+FP8 experts or int8 / int4: QLoRA) with no gradient, optimizer state or master copy; the adapters (and routers
+with `train_router`) are the trainable parameters: their gradient, AdamW m and v and fp32 master copy. Both
+are exact, from `io.adapters.LoraLayout.build` on the abstract model placed by the rules (`MemoryPlan.adapters`
+is the adapters' share of `params`). The activations add the largest layer's float copy of its adapted and
+dequantised weights, which the forward builds inside the scanned block (dequantised base + scale * A @ B),
+and the float32 gradient of its adapted ones (the backward pass reaches A and B through it).
+
+The estimate ignores XLA's temporary buffers and fragmentation (including the dequantised
 copy of one expert's weights a quantised matmul may materialise): plans keep `headroom` (10%) free.
 """
 
@@ -50,7 +63,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama4_jax.config import Llama4Config, Policy
+from llama4_jax.config import Llama4Config, LoraConfig, Policy
+from llama4_jax.io.adapters import LoraLayout
 from llama4_jax.model import llama4
 from sharding.mesh import MeshConfig
 from sharding.params import param_specs, shard_bytes
@@ -100,6 +114,7 @@ class Workload:
   remat: str = "full"  # "none" | "full" | "dots" | "minimal" (see Policy.remat)
   master_fp32: bool = True  # keep an fp32 master copy when parameters are stored in a lower precision
   prefill_chunk: int = 0  # serving: tokens per forward of a sliced prefill (0: the whole prompt at once)
+  kv_cache_dtype: str = ""  # serving: KV cache dtype ("": the policy dtype; "int8": values + per-token scales)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +130,12 @@ class MemoryPlan:
   activations: int
   tokens_per_device: int
   notes: tuple[str, ...] = ()
+  adapters: int = 0  # LoRA: bytes of the trainable adapters (+ routers), part of `params`; the rest is frozen
+
+  @property
+  def frozen(self) -> int:
+    """Bytes of the frozen base under LoRA (0 for full training)."""
+    return self.params - self.adapters if self.adapters else 0
 
   @property
   def total(self) -> int:
@@ -183,7 +204,11 @@ def activation_bytes(cfg: Llama4Config, policy: Policy, rules: Rules, sizes: Map
     n_rope = sum(t_cfg.use_rope(i) for i in range(L))
     c_cache = _split(rules, "act_cache", work.seq, sizes)
     cached = n_rope * C + (L - n_rope) * work.seq / c_cache
-    acts += rows * cached * 2 * K * d * b / tp_k
+    if work.kv_cache_dtype == "int8":  # int8 values + a float32 scale per token and head; one layer dequantised
+      acts += rows * cached * 2 * K * (d + 4) / tp_k + rows * work.seq / c_cache * 2 * K * d * b / tp_k * (L > n_rope)
+    else:
+      kv_b = jnp.dtype(work.kv_cache_dtype).itemsize if work.kv_cache_dtype else b
+      acts += rows * cached * 2 * K * d * kv_b / tp_k
     acts += rows * t_cfg.vocab_size / tp_v * 4  # the last position's logits
   else:
     if work.remat == "none":
@@ -198,25 +223,66 @@ def activation_bytes(cfg: Llama4Config, policy: Policy, rules: Rules, sizes: Map
   return int(acts), t
 
 
-def plan(cfg: Llama4Config, policy: Policy, rules: Rules, mesh: MeshConfig | Mapping[str, int],
-         work: Workload = Workload(), devices: int | None = None, abstract=None) -> MemoryPlan:
-  """Per-device memory of `cfg` under `rules` on a mesh of the given axis sizes (no devices needed).
-  `abstract`: the abstract model of (cfg, policy), to reuse across calls."""
-  sizes = _sizes(mesh, devices)
-  abstract = abstract if abstract is not None else llama4.abstract(cfg, policy)
-  specs, notes = param_specs(abstract, rules, sizes)
-  elems = held = 0  # parameter elements and bytes per device (bytes: each array's own dtype, e.g. FP8 experts)
-  for var, spec in zip(jax.tree.leaves(nnx.state(abstract), is_leaf=_is_var),
-                       jax.tree.leaves(specs, is_leaf=_is_var)):
+def _per_device(state, rules: Rules, sizes: Mapping[str, int]) -> tuple[int, int, list[str]]:
+  """(elements, bytes in each array's own dtype, notes) per device of a state (or model) placed by `rules`."""
+  specs, notes = param_specs(state, rules, sizes)
+  elems = held = 0
+  for var, spec in zip(jax.tree.leaves(nnx.state(state), is_leaf=_is_var), jax.tree.leaves(specs, is_leaf=_is_var)):
     elems += shard_bytes(var.shape, jnp.int8, spec.get_value(), sizes)
     held += shard_bytes(var.shape, var.dtype, spec.get_value(), sizes)
+  return elems, held, notes
+
+
+def lora_parts(abstract, lora: LoraConfig) -> LoraLayout:
+  """The LoRA templates of an abstract model (to reuse across `plan` calls)."""
+  return LoraLayout.build(abstract, lora)
+
+
+def _layer_copy(parts: LoraLayout, policy: Policy, rules: Rules, sizes: Mapping[str, int]) -> int:
+  """Per-device bytes of the largest layer's float copy of its adapted and dequantised weights (compute dtype),
+  plus the float32 gradient of the adapted ones (the backward pass reaches A and B through it)."""
+  adapted = {s.path for s in parts.specs}
+  built = adapted | {p for p, _ in parts.stored}
+  flat = [(p, v) for p, v in nnx.to_flat_state(parts.base) if p in built]
+  if not flat:
+    return 0
+  specs, _ = param_specs(nnx.from_flat_state(flat), rules, sizes)
+  per_layer: dict[tuple, int] = {}
+  for (path, var), spec in zip(flat, jax.tree.leaves(specs, is_leaf=_is_var)):
+    n = shard_bytes(var.shape, jnp.int8, spec.get_value(), sizes) // var.shape[0]  # one scanned block's slice
+    layer = path[: path.index("layers") + 2] if "layers" in path else path
+    per_layer[layer] = per_layer.get(layer, 0) + n * (jnp.dtype(policy.dtype).itemsize + 4 * (path in adapted))
+  return max(per_layer.values())
+
+
+def plan(cfg: Llama4Config, policy: Policy, rules: Rules, mesh: MeshConfig | Mapping[str, int],
+         work: Workload = Workload(), devices: int | None = None, abstract=None, lora: LoraConfig | None = None,
+         parts: LoraLayout | None = None) -> MemoryPlan:
+  """Per-device memory of `cfg` under `rules` on a mesh of the given axis sizes (no devices needed).
+  `abstract`: the abstract model of (cfg, policy), to reuse across calls. `lora`: train LoRA adapters on the
+  frozen base (`parts`: its `lora_parts`, to reuse)."""
+  sizes = _sizes(mesh, devices)
+  abstract = abstract if abstract is not None else llama4.abstract(cfg, policy)
   pb = jnp.dtype(policy.param_dtype).itemsize
   acts, t = activation_bytes(cfg, policy, rules, sizes, work)
   train = work.train
+  mesh_used = {a: n for a, n in sizes.items() if n > 1} or {"data": 1}
+  if lora is not None or parts is not None:
+    parts = parts if parts is not None else lora_parts(abstract, lora)
+    elems, adapters, notes = _per_device(parts.params, rules, sizes)  # trainable: adapters (+ routers)
+    _, frozen, base_notes = _per_device(parts.frozen, rules, sizes)
+    ab = max((jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.to_pure_dict(parts.params))), default=4)
+    if train:
+      acts += _layer_copy(parts, policy, rules, sizes)
+    return MemoryPlan(rules=rules.name, mesh=mesh_used, params=frozen + adapters, grads=elems * ab if train else 0,
+                      optimizer=8 * elems if train else 0,
+                      master=4 * elems if train and work.master_fp32 and ab < 4 else 0, activations=acts,
+                      tokens_per_device=t, notes=tuple(base_notes + notes), adapters=adapters)
+  elems, held, notes = _per_device(abstract, rules, sizes)  # bytes: each array's own dtype, e.g. FP8 experts
   master = 4 * elems if train and work.master_fp32 and pb < 4 else 0
-  return MemoryPlan(rules=rules.name, mesh={a: n for a, n in sizes.items() if n > 1} or {"data": 1},
-                    params=held, grads=elems * pb if train else 0, optimizer=8 * elems if train else 0,
-                    master=master, activations=acts, tokens_per_device=t, notes=tuple(notes))
+  return MemoryPlan(rules=rules.name, mesh=mesh_used, params=held, grads=elems * pb if train else 0,
+                    optimizer=8 * elems if train else 0, master=master, activations=acts, tokens_per_device=t,
+                    notes=tuple(notes))
 
 
 def candidates(cfg: Llama4Config, devices: int, train: bool = True,
@@ -255,16 +321,18 @@ def candidates(cfg: Llama4Config, devices: int, train: bool = True,
 
 
 def choose_mesh(cfg: Llama4Config, policy: Policy, hardware: Hardware, work: Workload = Workload(),
-                headroom: float = 0.10, strict: bool = True, abstract=None) -> tuple[MeshConfig, Rules, MemoryPlan]:
+                headroom: float = 0.10, strict: bool = True, abstract=None,
+                lora: LoraConfig | None = None) -> tuple[MeshConfig, Rules, MemoryPlan]:
   """The layout that fits with the least model parallelism: among the candidates whose plan fits in
   `hardware.hbm_gib * (1 - headroom)` and whose batch splits over its batch axes (no device repeating
   another's work), the one with the largest `data` axis (fewest per-layer collectives), then the least
   memory. If none fits: ValueError naming the smallest plan, or (with
-  `strict=False`) that smallest plan itself."""
+  `strict=False`) that smallest plan itself. `lora`: plans of LoRA training (see `plan`)."""
   abstract = abstract if abstract is not None else llama4.abstract(cfg, policy)
+  parts = lora_parts(abstract, lora) if lora is not None else None
   best, smallest = None, None
   for rules, sizes in candidates(cfg, hardware.devices, work.train, work.seq):
-    p = plan(cfg, policy, rules, sizes, work, abstract=abstract)
+    p = plan(cfg, policy, rules, sizes, work, abstract=abstract, parts=parts)
     if smallest is None or p.total < smallest[2].total:
       smallest = (rules, sizes, p)
     if p.fits(hardware.hbm_gib, headroom):

@@ -2,11 +2,15 @@
 
 `quantize_model(src, dst, scheme, ...)` reads one stored leaf (one block of a stacked leaf) at a time, runs it
 through an `io.quantize.Plan` and writes the result into a new model directory, atomically; llama4_jax.json
-records the scheme, so `load(dst)` gives a quantised model. With `calib` (a text file) the "clip" search of
-the routed experts is weighted by calibration statistics: the mean square, per expert and contracted index,
-of the inputs each expert sees (and of its down projection's inputs) on the file's first tokens
-(`calibration_stats`: eager forwards of the float model, `quant.calibrating`). Only the statistics ([E, D] and
-[E, I] per MoE layer) are kept; the float model is needed once, for those forwards.
+records the scheme, so `load(dst)` gives a quantised model. With `calib` (a text file; required by "gptq")
+the quantizer sees calibration statistics of the file's first tokens: `calibration_hessians` (eager forwards of
+the float model under `quant.calibrating`) collects the second moments H = sum x x^T of the inputs of every
+quantised matmul of the MoE layers (per routed expert [E, D, D] of the inputs it sees and [E, I, I] of its down
+projection's inputs; with the "mlp" target also the shared expert's [D, D] and [I, I]), held in .npy files
+under a temporary directory, memory-mapped, so one leaf's statistics are in memory at a time. "clip" minimises
+the output error through them (`quant.clip_ratios_calibrated`), "gptq" compensates rounding errors with them
+(`quant.gptq`). The float model is needed once, for those forwards; a leaf without statistics (a dense MLP
+layer) is quantised data-free.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 
 import jax.numpy as jnp
@@ -34,37 +39,51 @@ _TOKENIZERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "sp
                "generation_config.json")
 
 
-def calibration_stats(model: Llama4, token_ids: np.ndarray, window: int = 256) -> dict[tuple, np.ndarray]:
-  """{(leaf path..., block index): h}: the mean square of the routed experts' inputs on `token_ids` (1-D), per
-  expert and contracted index, normalised to mean 1 per expert, shaped to broadcast against one block of the
-  leaf ([E, D, 1, 1] for gate_up, [E, I, 1] for down); an expert no token reached gets ones (weight MSE).
-  The model must be built with `Policy(scan_layers=False)`: one eager forward per window of tokens."""
+def calibration_hessians(model: Llama4, token_ids: np.ndarray, window: int = 256,
+                         directory: str | None = None, shared: bool = True) -> dict[tuple, np.ndarray]:
+  """{(leaf path..., block index): H}: sum over the calibration tokens `token_ids` (1-D) of x x^T, x the input
+  of the leaf's matmul: per routed expert (gate_up [E, D, D] of its inputs x * score, down [E, I, I] of its
+  swiglu activations) and, with `shared`, of the shared expert (gate and up: the same [D, D]; down [I, I]).
+  float32; each one a memory-mapped .npy file under `directory` when given (else in memory). The model must
+  be built with `Policy(scan_layers=False)` (eager forwards, one per window of tokens)."""
   cfg = model.cfg.text
   if model.text.policy.scan_layers:
-    raise ValueError("calibration_stats needs a model built with Policy(scan_layers=False) (an eager forward)")
+    raise ValueError("calibration_hessians needs a model built with Policy(scan_layers=False) (an eager forward)")
   p = cfg.layer_period
   order = [(b, j) for b in range(cfg.num_hidden_layers // p) for j in range(p) if cfg.is_moe(b * p + j)]
-  sums: dict[tuple, list] = {}
+  out: dict[tuple, np.ndarray] = {}
   calls = [0]
 
+  def add(key, h):
+    if key not in out:
+      if directory is None:
+        out[key] = np.zeros(h.shape, np.float32)
+      else:
+        name = os.path.join(directory, "_".join(map(str, key)) + ".npy")
+        out[key] = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=h.shape)
+    out[key] += h
+
   def observer(x, idx, scores, gate_up, down):
-    key = order[calls[0] % len(order)]
+    b, j = order[calls[0] % len(order)]
     calls[0] += 1
-    stats = quant.expert_input_stats(x, idx, scores, gate_up, down)
-    acc = sums.setdefault(key, [0.0, 0.0, 0.0])
-    sums[key] = [a + s for a, s in zip(acc, stats)]
+    key = ("text", "blocks", "layers", j, "ffn")
+    hu, ha = quant.expert_input_hessians(x, idx, scores, gate_up)
+    add((*key, "gate_up", b), hu)
+    add((*key, "down", b), ha)
+    if shared:
+      mlp = model.text.blocks.layers[j].ffn.shared
+      xs = np.asarray(x, np.float32)
+      g, up = (np.asarray(getattr(mlp, n)[...][b], np.float32) for n in ("gate", "up"))
+      a = quant.np_swiglu(xs @ g, xs @ up)
+      hx = xs.T @ xs
+      for n in ("gate", "up"):
+        add((*key, "shared", n, b), hx)
+      add((*key, "shared", "down", b), a.T @ a)
 
   ids = np.asarray(token_ids, np.int32).reshape(-1)
   with quant.calibrating(observer):
     for a in range(0, len(ids), window):
       model.text.forward(jnp.asarray(ids[None, a:a + window]), logits=False)
-  out = {}
-  for (b, j), (hu, ha, n) in sums.items():
-    for name, h in (("gate_up", hu), ("down", ha)):
-      mean = np.where(n[:, None] > 0, h / np.maximum(n, 1)[:, None], 1.0)
-      mean = mean / np.maximum(mean.mean(axis=1, keepdims=True), 1e-30) + 1e-3
-      out[("text", "blocks", "layers", j, "ffn", name, b)] = mean[..., None, None] if name == "gate_up" else (
-          mean[..., None])
   return out
 
 
@@ -82,7 +101,9 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, 
                    overwrite: bool = False) -> dict:
   """Writes the quantised model directory `dst` of a float model directory, training step or run `src`
   (HF directories: `convert.hf_to_orbax(..., quantize=...)`). `calib`: a text file whose first `calib_tokens`
-  tokens weight the "clip" search of the routed experts. Returns the llama4_jax.json `quant` record."""
+  tokens give the statistics of the "clip" search (output error instead of weight MSE) and of "gptq"
+  (required there).
+  Returns the llama4_jax.json `quant` record."""
   t0 = time.time()
   qio.check_method(method)
   source = load.resolve(src)
@@ -92,8 +113,10 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, 
   if source.info.get("quant") or source.info.get("fp8"):
     raise quant.QuantError(f"{source.path}: already stored quantised ({source.info.get('quant') or 'fp8'}); "
                            "quantise the float model")
-  if calib is not None and method != "clip":
-    raise quant.QuantError(f"calibration file {calib!r} is used by method 'clip' only, got method {method!r}")
+  if calib is not None and method == "rtn":
+    raise quant.QuantError(f"calibration file {calib!r} is used by methods 'clip' and 'gptq', got method 'rtn'")
+  if calib is None and method == "gptq":
+    raise quant.QuantError("method 'gptq' needs calibration data: pass a text file (--calib FILE.txt)")
   convert.check_destination(os.path.abspath(os.fspath(dst)), source.path)
   cfg = source.config
   plan = qio.Plan.of(cfg, qio.serving_policy(scheme, group_size, scale_dtype, targets), method)
@@ -101,15 +124,16 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, 
   float_state = nnx.state(abstract(cfg, Policy()), nnx.Param)
   model_dir.check_stored(reader, float_state)
   stats, calib_rec = {}, None
-  if calib is not None:
-    loaded = load.load(source.path, policy=Policy(scan_layers=False))
-    ids = calibration_tokens(loaded, calib, calib_tokens)
-    stats = calibration_stats(loaded.model, ids)
-    calib_rec = {"file": os.path.abspath(calib), "tokens": int(len(ids))}
-    del loaded
-  rec = qio.record(plan.policy, method, calib_rec)
-  write_quantized(reader, [p for p, _ in nnx.to_flat_state(float_state)], plan, stats, dst, cfg, rec, source,
-                  overwrite)
+  with tempfile.TemporaryDirectory(prefix="llama4_jax_gptq_") as spill:
+    if calib is not None:
+      loaded = load.load(source.path, policy=Policy(scan_layers=False))
+      ids = calibration_tokens(loaded, calib, calib_tokens)
+      stats = calibration_hessians(loaded.model, ids, directory=spill, shared="mlp" in targets)
+      calib_rec = {"file": os.path.abspath(calib), "tokens": int(len(ids))}
+      del loaded
+    rec = qio.record(plan.policy, method, calib_rec)
+    write_quantized(reader, [p for p, _ in nnx.to_flat_state(float_state)], plan, stats, dst, cfg, rec, source,
+                    overwrite)
   log.info("quantised %s -> %s (%s, %s) in %.1f s", source.path, dst, scheme, method, time.time() - t0)
   return rec
 

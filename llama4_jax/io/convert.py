@@ -166,6 +166,9 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
   fp8_leaves = {p for p in leaves if keep_fp8 and _scale_leaf(p) and all(map(hf_sources.is_quantized, by_path[p]))}
   if quantize is not None and keep_fp8:
     raise ConfigError(f"--quantize {quantize} and --keep-fp8 both given: choose one format for the routed experts")
+  if quantize is not None and method == "gptq":
+    raise ConfigError("--method gptq needs calibration data: convert to a float model directory, then "
+                      "python -m tools.convert quantize SRC DST --method gptq --calib FILE.txt")
   plan = None if quantize is None else qio.Plan.of(out_cfg, qio.serving_policy(quantize, group_size), method)
   stats = Stats()
   with atomic_dir(dst, overwrite) as tmp:

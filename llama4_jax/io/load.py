@@ -6,6 +6,13 @@ says which it found (`resolve`, the one resolver, also used by `convert.orbax_to
   "step"   one step of a training run's checkpoints (`checkpointer`): params/ + meta/ (the config in meta)
   "run"    a training run directory (`runs/<name>/`, with checkpoints/) or its checkpoints/ directory: the
            latest complete step
+  "adapter" LoRA adapters saved alone (`io.adapters`: adapter_config.json + params/, written by
+           `train.lora.save_adapters`), applied to the base directory their config records (CheckpointError
+           naming it when it is missing)
+
+A step of a LoRA run (its meta experiment has "lora"; the step holds the adapters and the frozen base, in the
+form the run kept it: float, int8 / int4 or FP8) and an adapter directory load as the merged float model:
+base + scale * A @ B folded in, exactly what the run's `merged/` directory holds.
 
 Everything is validated before a byte of weights is read (files present and readable, every expected key or
 leaf there with the right shape and dtype, nothing unexpected: `hf_sources.sources`, `model_dir.check_stored`),
@@ -31,18 +38,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx import traversals
 
 from llama4_jax.config import Llama4Config, Policy, from_hf
 from llama4_jax.data.tokenizers import Tokenizer, load_tokenizer
-from llama4_jax.io import checkpointer, hf_sources, model_dir, orbax_store, quantize, targets
+from llama4_jax.io import adapters, checkpointer, hf_sources, model_dir, orbax_store, quantize, targets
 from llama4_jax.io import safetensors as st
 from llama4_jax.io.validate import CheckpointError, check_finite
+from llama4_jax.model import lora
 from llama4_jax.model.llama4 import Llama4, abstract
 from llama4_jax.model.text import enable_selection_bias
 
 log = logging.getLogger(__name__)
 
-KINDS = ("hf", "model", "step", "run")
+KINDS = ("hf", "model", "step", "run", "adapter")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # PyTorch's pickle formats: loading one can execute arbitrary code, so they are refused, never read.
 _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
@@ -63,6 +72,14 @@ class Source:
   run_dir: str | None = None  # the run directory ("step" and "run"), when there is one
   meta: dict | None = None  # the step's meta item ("step" and "run")
   layout: str | None = None  # the FP8 layout of a HF directory (`hf_sources.layout_of`), else None
+  base: Source | None = None  # "adapter": the resolved base the adapters apply to
+
+  @property
+  def lora(self) -> dict | None:
+    """The LoRA config (JSON form) of a LoRA run's step or of an adapter directory, else None."""
+    if self.kind == "adapter":
+      return adapters.read_adapter_config(self.directory)[1]["lora"]
+    return ((self.meta or {}).get("experiment") or {}).get("lora")
 
   @property
   def params_dir(self) -> str:
@@ -79,6 +96,8 @@ class Source:
     """The directory of the non-weight files travelling with the model (tokenizer, generation config)."""
     if self.kind == "hf":
       return self.directory
+    if self.kind == "adapter":
+      return self.base.assets_dir
     if self.kind == "model":
       return os.path.join(self.directory, model_dir.ASSETS)
     return self.run_dir
@@ -90,6 +109,8 @@ class Source:
     return next((os.path.join(d, n) for n in _TOKENIZER_FILES if d and os.path.isfile(os.path.join(d, n))), None)
 
   def describe(self) -> str:
+    if self.kind == "adapter":
+      return f"adapter {self.path} (LoRA on {self.base.describe()})"
     if self.kind in ("step", "run"):
       return f"{self.kind} {self.path} (step {self.step} of {os.path.dirname(self.directory)})"
     return f"{self.kind} {self.path}"
@@ -139,6 +160,8 @@ def resolve(path: str | os.PathLike) -> Source:
       raise CheckpointError(f"{p}: {_PICKLE_REFUSED}")
     raise CheckpointError(f"{p}: no such directory")
   _refuse_pickle_only(p)
+  if adapters.is_adapter_dir(p):
+    return _resolve_adapter(p)
   if _is_hf(p):
     for name in ("config.json", st.INDEX_FILE):  # the shards are checked by `safetensors.list_tensors`
       if os.path.lexists(os.path.join(p, name)):
@@ -163,6 +186,23 @@ def resolve(path: str | os.PathLike) -> Source:
   step_dir = os.path.join(ck_dir, str(step))
   cfg, meta = _step_config(step_dir)
   return Source("run", p, step_dir, cfg, step, run_dir, meta)
+
+
+def _resolve_adapter(p: str) -> Source:
+  """An adapter directory and the base its adapter_config.json records (resolved; CheckpointError when the
+  record names none or a directory that is not there)."""
+  _, record = adapters.read_adapter_config(p)
+  base = record.get("base") or ""
+  if not base:
+    raise CheckpointError(f"{p}: LoRA adapters of a run that started from random weights (adapter_config.json "
+                          "records no base): load the run directory, one of its checkpoint steps or its merged/")
+  base_path = base if os.path.isabs(base) else os.path.abspath(base)
+  if not os.path.isdir(base_path):
+    raise CheckpointError(f"{p}: the base these LoRA adapters apply to, {base!r} (adapter_config.json \"base\"), "
+                          f"is missing ({base_path} is not a directory): put it back, or load the run directory or "
+                          "its merged/")
+  base_src = resolve(base_path)
+  return Source("adapter", p, p, base_src.config, base=base_src)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,14 +243,21 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, policy: Policy | 
   source = resolve(path)
   cfg = dataclasses.replace(source.config, vision=None) if text_only else source.config
   fp8_stored = source.kind == "model" and bool(source.info.get("fp8"))
+  if source.lora:  # a LoRA step / adapter directory: the merged float model
+    fp8_stored = False
   if policy is None:
     policy = Policy.for_dtype(dtype or ("bfloat16" if source.layout else cfg.dtype))
   if fp8_stored:
     policy = dataclasses.replace(policy, expert_fp8=True)
   # a model directory stored as int8 / int4 (llama4_jax.json "quant") loads quantised; a conflicting policy fails
   policy = quantize.policy_for(source.info if source.kind == "model" else {}, policy, source.path)
-  if source.kind == "hf":
+  if source.kind == "adapter":
+    model = _from_adapters(cfg, source, policy, shardings, text_only)
+  elif source.kind == "hf":
     model = _from_hf(cfg, source, policy, shardings)
+  elif source.lora:
+    bias = bool((source.meta.get("experiment") or {}).get("moe", {}).get("bias_balancing", False))
+    model = _from_lora_step(cfg, source, policy, shardings, bias, skip_vision=cfg.vision is None)
   else:
     bias = bool(((source.meta or {}).get("experiment") or {}).get("moe", {}).get("bias_balancing", False))
     model = _from_orbax(cfg, source, policy, shardings, bias, skip_vision=cfg.vision is None)
@@ -233,6 +280,63 @@ def _from_orbax(cfg: Llama4Config, source: Source, policy: Policy, shardings, bi
       saved = ck.restore(source.step)["opt_state"]["bias"]
     nnx.replace_by_pure_dict(rest, saved)
   return nnx.merge(graphdef, params, rest)
+
+
+def _merged_model(cfg: Llama4Config, policy: Policy, merged: dict, shardings, bias: dict | None) -> Llama4:
+  """The float model of `policy` holding the merged parameters (cast to its dtypes, placed by `shardings`) and
+  the selection biases `bias` (None: none)."""
+  model = abstract(cfg, policy)
+  if bias is not None:
+    enable_selection_bias(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  flat = targets.flat_leaves(merged)
+  shard_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  leaves = []
+  for path, var in nnx.to_flat_state(params):
+    x = jnp.asarray(flat[path], var.dtype)
+    sh = shard_flat.get(path)
+    sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
+    leaves.append((path, var.replace(x if sh is None else jax.device_put(x, sh))))
+  rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
+  if bias is not None:
+    nnx.replace_by_pure_dict(rest, bias)
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
+
+
+def _from_lora_step(cfg: Llama4Config, source: Source, policy: Policy, shardings, bias: bool,
+                    skip_vision: bool) -> Llama4:
+  """A LoRA run's step: its adapters and frozen base (as the run stored it) restored, then merged."""
+  exp = source.meta["experiment"]
+  base = abstract(cfg, lora.stored_policy(exp.get("policy") or {}, policy))
+  if bias:
+    enable_selection_bias(base)
+  parts = adapters.LoraLayout.build(base, lora.config_from_dict(source.lora))
+  stored = nnx.from_flat_state(list(nnx.to_flat_state(parts.params)) + list(nnx.to_flat_state(parts.frozen)))
+  model_dir.check_stored(orbax_store.ParamReader(source.params_dir), stored,
+                         ignore_prefixes=("vision.", "projector") if skip_vision else ())
+  flat = targets.flat_leaves(model_dir.restore_params(source.directory, targets.abstract_target(stored)))
+  params, frozen = ({p: flat[p] for p in targets.flat_leaves(nnx.to_pure_dict(t))} for t in (parts.params,
+                                                                                            parts.frozen))
+  merged = jax.jit(parts.merged_params)(traversals.unflatten_mapping(params), traversals.unflatten_mapping(frozen))
+  saved_bias = None
+  if bias:
+    with checkpointer.Checkpointer(os.path.dirname(source.directory), keep=None, async_save=False) as ck:
+      saved_bias = ck.restore(source.step)["opt_state"]["bias"]
+  return _merged_model(cfg, policy, merged, shardings, saved_bias)
+
+
+def _from_adapters(cfg: Llama4Config, source: Source, policy: Policy, shardings, text_only: bool) -> Llama4:
+  """Adapters saved alone, applied to their base (loaded as stored: float, int8 / int4 or FP8)."""
+  lcfg, _ = adapters.read_adapter_config(source.directory)
+  if lcfg.train_router:
+    raise CheckpointError(f"{source.path}: the run trained the routers (lora.train_router), which an adapter "
+                          "directory does not hold: load the run directory, one of its steps or its merged/")
+  base = load(source.base.path, policy=dataclasses.replace(policy, expert_fp8=False), text_only=text_only).model
+  parts = adapters.LoraLayout.build(base, lcfg)
+  _, frozen, bias = parts.split_values(base, seed=0)
+  weights = model_dir.restore_params(source.directory, nnx.to_pure_dict(parts.params))
+  merged = jax.jit(parts.merged_params)(weights, frozen)
+  return _merged_model(cfg, policy, merged, shardings, bias if jax.tree.leaves(bias) else None)
 
 
 def _leaf_builder(srcs: list, cfg: Llama4Config, dtype, tensors: dict, checked: set) -> Callable[[Any], np.ndarray]:

@@ -14,8 +14,11 @@ policy asking for another); `orbax-to-hf` dequantises.
 Two ways in, both streamed one leaf (one block of a stacked leaf) at a time through a `Plan`, bounded by the
 largest tensor: `convert.hf_to_orbax(..., quantize=Plan)` quantises as it converts; `apps.quantize.
 quantize_model(src, dst, ...)` rewrites an existing float model directory, training step or run. Methods: "rtn"
-(round to nearest, per-group absmax) and "clip" (per-group clipping ratio minimising the output error,
-`quant.clip_ratios`): data-free (plain weight MSE), or weighted by calibration statistics (`apps.quantize`).
+(round to nearest, per-group absmax), "clip" (per-group clipping ratio search, data-free: plain weight MSE,
+`quant.clip_ratios`), and
+"gptq" (`quant.gptq`, with the calibration inputs' second moments H of each matmul; `apps.quantize` only, as it
+needs calibration data). With H (`apps.quantize`) "clip" minimises the output error on the calibration inputs
+(`quant.clip_ratios_calibrated`); a leaf without statistics (a dense MLP layer) is quantised data-free.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from llama4_jax.io import targets as targets_lib
 from llama4_jax.model import quant
 from llama4_jax.model.llama4 import abstract
 
-METHODS = ("rtn", "clip")
+METHODS = ("rtn", "clip", "gptq")
 SUFFIX = "_qscale"
 _AXIS = {"gate_up": -3}  # the contracted axis of each quantisable leaf, counted from the end (else -2)
 
@@ -125,15 +128,21 @@ class Plan:
 
   def items(self, path: tuple, x: np.ndarray, h: np.ndarray | None = None) -> list[tuple[tuple, np.ndarray]]:
     """[(path, values), (scale path, scales)] of one float leaf (or block), or [(path, x)] if not quantised.
-    `h`: calibration weights broadcastable to x (method "clip")."""
+    `h`: the second moments H [*x.shape[:axis], n, n] of the leaf's input on calibration data (methods "clip"
+    and "gptq"; None: data-free, i.e. weight MSE for "clip", rounding to nearest for "gptq")."""
     if path not in self.leaves:
       return [(path, x)]
     scale_path, axis = self.leaves[path]
     p = self.policy
     w = jnp.asarray(x, jnp.float32)
     ratios = None
-    if self.method == "clip":
-      ratios = quant.clip_ratios(w, axis, p.quant, p.quant_group, h, scale_dtype=p.quant_scale_dtype)
+    if self.method == "gptq":
+      q = quant.gptq(w, axis, p.quant, p.quant_group, h, p.quant_scale_dtype)
+      return [(path, np.asarray(q.q)), (scale_path, np.asarray(q.scale))]
+    if self.method == "clip" and h is None:
+      ratios = quant.clip_ratios(w, axis, p.quant, p.quant_group, scale_dtype=p.quant_scale_dtype)
+    elif self.method == "clip":
+      ratios = quant.clip_ratios_calibrated(w, axis, p.quant, p.quant_group, h, scale_dtype=p.quant_scale_dtype)
     q = quant.quantize(w, axis, p.quant, p.quant_group, p.quant_scale_dtype, ratios)
     return [(path, np.asarray(q.q)), (scale_path, np.asarray(q.scale))]
 
@@ -167,7 +176,10 @@ def dequantize_leaf(path: tuple, q: np.ndarray, scale: np.ndarray, dtype) -> np.
 
 
 def refuse_training(policy: Policy) -> None:
-  """Training updates float weights: a quantised model is for serving (QuantError naming the scheme)."""
+  """Full training updates float weights: a quantised model trains only as the frozen base of LoRA adapters
+  (QuantError naming the scheme; the LoRA loop does not call this)."""
   if policy.quant != "none":
-    raise quant.QuantError(f"policy.quant={policy.quant!r}: integer weights are for serving and cannot be trained; "
-                           "train the float model and quantise it afterwards (python -m tools.convert quantize)")
+    raise quant.QuantError(f"policy.quant={policy.quant!r}: integer weights cannot be trained in full; train LoRA "
+                           "adapters on the frozen quantised base instead (QLoRA: set the experiment's lora, e.g. "
+                           "make lora), or train the float model and quantise it afterwards (python -m tools.convert "
+                           "quantize)")

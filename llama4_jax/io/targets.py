@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import jax
 from flax import nnx
+from flax.nnx import traversals
 
 
 def _is_nnx(x) -> bool:
@@ -47,6 +48,13 @@ def like(target: Any, restored: Any) -> Any:
       return out
     return t.replace(r) if isinstance(t, nnx.Variable) else r
   return jax.tree.map(one, target, restored, is_leaf=_is_nnx)
+
+
+def fill(template: nnx.State, pure: Mapping) -> nnx.State:
+  """A state with the Variables of `template` holding the values of the pure dict `pure` (any leaf: arrays, or
+  pytrees such as `model.lora.Adapted`); `template` is left untouched."""
+  flat = traversals.flatten_mapping(pure)
+  return nnx.from_flat_state([(path, var.replace(flat[path])) for path, var in nnx.to_flat_state(template)])
 
 
 def _abstract_leaf(x, dtype=None, sharding=None):

@@ -123,16 +123,24 @@ def chunk_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, info: TokenI
 _FUSED = {"gpu": "cudnn", "tpu": "splash"}
 
 
+# "auto" without a fused kernel (CPU) runs self-attention over at most this many keys by xla: there its one
+# score matrix is small and a train step is faster than blockwise's loops (docs/BENCHMARKS.md, long context:
+# blockwise train step 0.86x xla at 2k tokens, 2.2x at 8k).
+AUTO_XLA_KEYS = 2048
+
+
 @functools.cache
 def resolve(impl: str, platform: str) -> str:
   """The implementation `Policy.attention_impl` means on `platform` ("cpu", "gpu", "tpu"): "auto" is the fused
-  kernel of the backend (cuDNN on GPU, splash on TPU), else blockwise; logged once. "cudnn" off a GPU is an
+  kernel of the backend (cuDNN on GPU, splash on TPU), else blockwise (which `attend` turns into xla where
+  the keys are few: `AUTO_XLA_KEYS`); logged once. "cudnn" off a GPU is an
   error; "splash" off a TPU runs in Pallas interpret mode (slow: for tests), with a warning."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"policy.attention_impl={impl!r}: unknown; choose one of {ATTENTION_IMPLS}")
   if impl == "auto":
     chosen = _FUSED.get(platform, "blockwise")
-    log.warning("attention_impl=auto on %s: %s", platform, chosen)
+    log.warning("attention_impl=auto on %s: %s", platform, chosen if chosen != "blockwise" else
+                f"blockwise (xla for self-attention over at most {AUTO_XLA_KEYS} keys)")
     return chosen
   if impl == "cudnn" and platform != "gpu":
     raise ValueError(f"policy.attention_impl='cudnn' needs a GPU, this backend is {platform!r} "
@@ -153,8 +161,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_info: TokenInfo, k_info: 
   whatever it is: q [B, T, H, d], k/v [B, S, K, d] -> [B, T, H, d]. `packed`: the rows hold packed documents
   (segment ids given), which the fused kernels cannot always express (see `fused`); those layers, and
   attention over other keys than the queries' own (a cache), run blockwise."""
-  impl = resolve(impl, jax.default_backend())
+  requested, impl = impl, resolve(impl, jax.default_backend())
   self_attn = q_info is k_info
+  if requested == "auto" and impl == "blockwise" and self_attn and k.shape[1] <= AUTO_XLA_KEYS:
+    impl = "xla"
   if impl == "dense":
     return attention(q, k, v, q_info, k_info, chunk, precision)
   if impl == "xla":

@@ -10,6 +10,10 @@ over the L/p blocks: [n, B, S, K, d]. The slot count depends on the layer kind:
                          A query sees only keys of its own chunk, at most C - 1 indices back, so C slots hold
                          every key a later token can still see: memory is bounded whatever the length.
   global (NoPE) layers   S = max_len slots, cache index i in slot i.
+With `dtype` "int8" (`init`) each buffer is an `Int8KV`: int8 values [n, B, S, K, d] and one float32 scale per
+token and kv head [n, B, S, K] (absmax over d / 127: `quantize_kv`), quantised when written and dequantised
+to the queries' dtype when attended (the prefill attends over its own float keys, as in the float cache).
+
 Every layer of a kind writes the same indices, so each slot's mask data (`attention.TokenInfo`: seg, mpos)
 is stored once per kind (`ring`, `full`) and attention applies the exact mask of attention.py to cached
 keys. Empty slots have seg 0 and are never visible.
@@ -32,10 +36,12 @@ A step of T new tokens:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import sharding
 from llama4_jax.config import TextConfig
@@ -44,7 +50,43 @@ from llama4_jax.model import blockwise
 from llama4_jax.model.attention import TokenInfo
 from sharding import constrain
 
-LayerKV = tuple[jax.Array, jax.Array]  # (k, v) of one layer: [B, S, K, d] (inside the scan) or [n, B, S, K, d]
+INT8_MAX = 127
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8KV:
+  """A cache buffer held as int8 values and per-token-per-head scales: x[..., s, k, :] = q[..., s, k, :] *
+  scale[..., s, k]. A pytree; leading axes (blocks, batch, slots) index both leaves alike."""
+
+  q: jax.Array  # int8 [..., S, K, d]
+  scale: jax.Array  # float32 [..., S, K]
+
+  def dequantize(self, dtype) -> jax.Array:
+    return (self.q.astype(jnp.float32) * self.scale[..., None]).astype(dtype)
+
+
+def quantize_kv(x: jax.Array) -> Int8KV:
+  """Symmetric int8 over the last axis (head_dim) of x [..., K, d]: scale = absmax * float32(1 / 127) (1 for an
+  all-zero vector), values round(x * (1 / scale)) half to even, in [-127, 127]."""
+  x32 = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x32), axis=-1)
+  scale = jnp.where(amax > 0, amax * np.float32(1.0 / INT8_MAX), 1.0)
+  q = jnp.clip(jnp.round(x32 * (1.0 / scale)[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+  return Int8KV(q, scale)
+
+
+Buffer = jax.Array | Int8KV
+LayerKV = tuple[Buffer, Buffer]  # (k, v) of one layer: [B, S, K, d] (inside the scan) or [n, B, S, K, d]
+
+
+def is_int8(dtype) -> bool:
+  return jnp.dtype(dtype) == jnp.int8
+
+
+def values(buf: Buffer, dtype) -> jax.Array:
+  """A buffer's keys or values in `dtype` (an `Int8KV` dequantised; a float buffer as stored)."""
+  return buf.dequantize(dtype) if isinstance(buf, Int8KV) else buf
 
 
 class KVCache(NamedTuple):
@@ -83,17 +125,23 @@ def ring_size(cfg: TextConfig, max_len: int) -> int:
 
 
 def init(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
-  """An empty cache for `batch` rows of at most `max_len` tokens (prompt, padding and generation)."""
+  """An empty cache for `batch` rows of at most `max_len` tokens (prompt, padding and generation); `dtype` a
+  float dtype, or "int8" (`Int8KV` buffers: int8 values, float32 scales per token and kv head)."""
   p = cfg.layer_period
   n = cfg.num_hidden_layers // p
   W = ring_size(cfg, max_len)
   K, d = cfg.num_key_value_heads, cfg.head_dim
 
-  def buf(use_rope):
+  def slots(use_rope, *shape, dtype=dtype):
     if use_rope:
-      return jnp.zeros((n, batch, W, K, d), dtype)
-    names = (None, "act_batch", "act_cache", "act_kv_heads", None)
-    return constrain(jnp.zeros((n, batch, max_len, K, d), dtype), names)
+      return jnp.zeros((n, batch, W) + shape, dtype)
+    names = (None, "act_batch", "act_cache", "act_kv_heads", None)[: 3 + len(shape)]
+    return constrain(jnp.zeros((n, batch, max_len) + shape, dtype), names)
+
+  def buf(use_rope):
+    if is_int8(dtype):
+      return Int8KV(slots(use_rope, K, d), slots(use_rope, K, dtype=jnp.float32))
+    return slots(use_rope, K, d)
 
   kv = tuple((buf(r), buf(r)) for r, _ in cfg.layer_kinds[:p])
   zeros = lambda S: jnp.zeros((batch, S), jnp.int32)  # noqa: E731
@@ -108,9 +156,11 @@ def abstract(cfg: TextConfig, batch: int, max_len: int, dtype) -> KVCache:
 
 
 def kv_bytes(cfg: TextConfig, length: int, dtype="bfloat16") -> int:
-  """K/V bytes of one sequence of `length` tokens: 2*K*d*itemsize * (L_global*length + L_chunked*min(length, C)).
-  (The slot mask data adds 8 bytes per slot per kind, not per layer.)"""
-  per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+  """K/V bytes of one sequence of `length` tokens: 2*K*d*itemsize * (L_global*length + L_chunked*min(length, C));
+  "int8": 2*K*(d + 4) per layer and token (values and float32 scales). (The slot mask data adds 8 bytes per
+  slot per kind, not per layer.)"""
+  K, d = cfg.num_key_value_heads, cfg.head_dim
+  per_layer_token = 2 * K * (d + 4) if is_int8(dtype) else 2 * K * d * jnp.dtype(dtype).itemsize
   chunked = sum(cfg.rope_flags)
   full = cfg.num_hidden_layers - chunked
   return per_layer_token * (full * length + chunked * min(length, cfg.attention_chunk_size))
@@ -120,9 +170,12 @@ def kv_bytes(cfg: TextConfig, length: int, dtype="bfloat16") -> int:
 # Writes and attention
 
 
-def write(buf: jax.Array, new: jax.Array, index: jax.Array, ring: bool) -> jax.Array:
+def write(buf: Buffer, new: jax.Array, index: jax.Array, ring: bool) -> Buffer:
   """`new` [B, T, ...] written into `buf` [B, S, ...] at cache indices index .. index+T-1 (slots modulo S on
-  a ring, which keeps the last S of them)."""
+  a ring, which keeps the last S of them); an `Int8KV` buffer takes `quantize_kv(new)`."""
+  if isinstance(buf, Int8KV):
+    q = quantize_kv(new)
+    return Int8KV(write(buf.q, q.q, index, ring), write(buf.scale, q.scale, index, ring))
   S, T = buf.shape[1], new.shape[1]
   new = new.astype(buf.dtype)
   if not ring:
@@ -148,16 +201,18 @@ def attend(q, k, v, kv: LayerKV, q_info: TokenInfo, step: Step, chunk: int | Non
   ring = chunk is not None
   T = q.shape[1]
   if ring and T > 1:
-    keys = jnp.concatenate([kv[0], k.astype(kv[0].dtype)], axis=1)
-    values = jnp.concatenate([kv[1], v.astype(kv[1].dtype)], axis=1)
+    old_k, old_v = values(kv[0], k.dtype), values(kv[1], v.dtype)
+    keys = jnp.concatenate([old_k, k.astype(old_k.dtype)], axis=1)
+    vals = jnp.concatenate([old_v, v.astype(old_v.dtype)], axis=1)
     info = TokenInfo(*(jnp.concatenate([a, b], axis=1) for a, b in zip(step.ring_old, q_info)))
-    out = blockwise.attention(q, keys, values, q_info, info, chunk, precision, block, block)
+    out = blockwise.attention(q, keys, vals, q_info, info, chunk, precision, block, block)
     return out, store(kv, k, v, step, ring)
   kv = store(kv, k, v, step, ring)
+  keys, vals = values(kv[0], q.dtype), values(kv[1], q.dtype)
   if ring:
-    return attn_lib.attention(q, kv[0], kv[1], q_info, step.ring, chunk, precision), kv
+    return attn_lib.attention(q, keys, vals, q_info, step.ring, chunk, precision), kv
   kernel = attn_lib.Kernel("blockwise", False, precision, block)
-  return sharding.cached_attention(kernel, q, kv[0], kv[1], q_info, step.full, step.index), kv
+  return sharding.cached_attention(kernel, q, keys, vals, q_info, step.full, step.index), kv
 
 
 # --------------------------------------------------------------------------------------------------

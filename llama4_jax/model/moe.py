@@ -54,10 +54,18 @@ def route(x: jax.Array, router: jax.Array, k: int, policy: Policy, bias: jax.Arr
   return top_idx.astype(jnp.int32), scores, logits.astype(jnp.float32)
 
 
+def _gate_up(u, gate_up, policy):
+  return einsum("...bD,...DcI->...bcI", u, gate_up, policy)
+
+
+def _down(h, down, policy):
+  """The down projection of the swiglu of gate/up projections h [..., b, 2, I]."""
+  return einsum("...bI,...ID->...bD", swiglu(h[..., 0, :], h[..., 1, :]), down, policy)
+
+
 def _expert_ffn(u: jax.Array, gate_up: jax.Array, down: jax.Array, policy: Policy) -> jax.Array:
   """One expert (or a batch of experts, with a leading axis on everything) on tokens u [..., b, D]."""
-  h = einsum("...bD,...DcI->...bcI", u, gate_up, policy)
-  return einsum("...bI,...ID->...bD", swiglu(h[..., 0, :], h[..., 1, :]), down, policy)
+  return _down(_gate_up(u, gate_up, policy), down, policy)
 
 
 def block_size(assignments: int, experts: int, max_block: int) -> int:
@@ -71,50 +79,94 @@ def _block_weights(gate_up, down, e):
   return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False), (gate_up, down))
 
 
+def _block(a: jax.Array, i) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+
+def _grouped_loop(slots, block_expert, n_live, gate_up, down, policy, keep_h: bool):
+  """The forward over the first `n_live` blocks (a loop with a dynamic trip count: dead blocks cost nothing and
+  stay zero); with `keep_h`, also each block's gate/up projection [n, b, 2, I] for the backward."""
+  dt = jnp.dtype(policy.dtype)
+  n, b, _ = slots.shape
+  I = down.shape[-2]
+  out = jnp.zeros_like(slots, dtype=dt)  # *_like: inside shard_map the buffers vary over the axes slots do
+  hs = jnp.zeros_like(slots, dtype=dt, shape=(n, b, 2, I)) if keep_h else None
+
+  def body(i, carry):
+    out, hs = carry
+    w1, w2 = _block_weights(gate_up, down, block_expert[i])
+    h = _gate_up(_block(slots, i), w1, policy)
+    out = jax.lax.dynamic_update_index_in_dim(out, _down(h, w2, policy), i, 0)
+    if keep_h:
+      hs = jax.lax.dynamic_update_index_in_dim(hs, h, i, 0)
+    return out, hs
+
+  return jax.lax.fori_loop(0, n_live, body, (out, hs))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def grouped_ffn(slots: jax.Array, block_expert: jax.Array, live: jax.Array, gate_up: jax.Array,
+def grouped_ffn(slots: jax.Array, block_expert: jax.Array, n_live: jax.Array, gate_up: jax.Array,
                 down: jax.Array, policy: Policy) -> jax.Array:
-  """Expert FFN on token blocks: slots [n, b, D], block n uses expert block_expert[n]; dead blocks
-  (live False) are skipped and give zeros. A scan over blocks slicing one expert's weights at a time.
+  """Expert FFN on token blocks: slots [n, b, D], block i uses expert block_expert[i]; only the first n_live
+  blocks are computed (the rest give zeros). A loop over blocks slicing one expert's weights at a time.
 
-  The backward pass is written by hand: automatic differentiation of the dynamic weight slice would add a
-  full [E, ...] zero-padded gradient per block (O(n_blocks * E * D * I)); here each block's weight
-  gradient is added into its own expert's slice of the accumulator in place."""
-  def one_block(_, inp):
-    u, e, lv = inp
-    y = jax.lax.cond(lv, lambda: _expert_ffn(u, *_block_weights(gate_up, down, e), policy),
-                     lambda: jnp.zeros_like(u, dtype=jnp.dtype(policy.dtype)))
-    return None, y
-
-  return jax.lax.scan(one_block, None, (slots, block_expert, live))[1]
+  The backward pass is written by hand, from the gate/up projections the forward kept: per live block, the
+  input gradient and the block's weight gradients (two matmuls each for the down and gate/up projections,
+  twice the forward's work), the latter added in place into its expert's slice of the accumulators (automatic
+  differentiation of the dynamic weight slice would add a zero-padded [E, ...] gradient per block)."""
+  return _grouped_loop(slots, block_expert, n_live, gate_up, down, policy, keep_h=False)[0]
 
 
-def _grouped_fwd(slots, block_expert, live, gate_up, down, policy):
-  return grouped_ffn(slots, block_expert, live, gate_up, down, policy), (slots, block_expert, live, gate_up, down)
+def _grouped_fwd(slots, block_expert, n_live, gate_up, down, policy):
+  out, hs = _grouped_loop(slots, block_expert, n_live, gate_up, down, policy, keep_h=True)
+  return out, (slots, block_expert, n_live, gate_up, down, hs)
+
+
+def _dot(a, b, contract: tuple[int, int], policy: Policy):
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision(policy),
+                             preferred_element_type=jnp.dtype(policy.dtype))
+
+
+def _block_vjp(u, h, gy, w1, w2, policy):
+  """One block's (du, d_gate_up, d_down) from its input u [b, D], kept gate/up projection h [b, 2, I] and output
+  gradient gy [b, D]. Without an FP8 recipe, written out so that each weight slice is the left operand in its
+  stored layout (W @ g^T, transposing the small [b, .] operands: XLA:CPU otherwise copies the transposed
+  [D, 2I] slice every block); with one, through `einsum`'s own gradient."""
+  dt = jnp.dtype(policy.dtype)
+  a, swiglu_vjp = jax.vjp(swiglu, h[:, 0], h[:, 1])
+  if fp8.resolve(policy.fp8) != "off":
+    da, d2 = jax.vjp(lambda a, w: einsum("...bI,...ID->...bD", a, w, policy), a, w2)[1](gy)
+    du, d1 = jax.vjp(lambda u, w: _gate_up(u, w, policy), u, w1)[1](jnp.stack(swiglu_vjp(da), axis=1))
+    return du, d1, d2
+  D, _, I = w1.shape
+  da = _dot(w2.astype(dt), gy, (1, 1), policy).T  # [b, I]
+  dh = jnp.concatenate(swiglu_vjp(da), axis=-1)  # [b, 2I]
+  du = _dot(w1.reshape(D, 2 * I).astype(dt), dh, (1, 1), policy).T  # [b, D]
+  d1 = _dot(u.astype(dt), dh, (0, 0), policy).reshape(D, 2, I)
+  return du, d1, _dot(a, gy, (0, 0), policy)  # d_down [I, D]
 
 
 def _grouped_bwd(policy, res, g):
-  slots, block_expert, live, gate_up, down = res
+  """Per live block, from the gate/up projection the forward kept: the input gradient, and the weight gradients
+  added into the block's expert's slice of the accumulators."""
+  slots, block_expert, n_live, gate_up, down, hs = res
+  dt = jnp.dtype(policy.dtype)
 
   def add_at(acc, e, d):
-    return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, e, keepdims=False) + d, e, 0)
+    return jax.lax.dynamic_update_index_in_dim(acc, _block(acc, e) + d.astype(acc.dtype), e, 0)
 
-  def one_block(acc, inp):
-    u, e, lv, gy = inp
+  def body(i, carry):
+    d_slots, d1_acc, d2_acc = carry
+    e = block_expert[i]
+    du, d1, d2 = _block_vjp(_block(slots, i), _block(hs, i), _block(g, i).astype(dt),
+                            *_block_weights(gate_up, down, e), policy)
+    d_slots = jax.lax.dynamic_update_index_in_dim(d_slots, du.astype(d_slots.dtype), i, 0)
+    return d_slots, add_at(d1_acc, e, d1), add_at(d2_acc, e, d2)
 
-    def live_block():
-      w1, w2 = _block_weights(gate_up, down, e)
-      _, vjp = jax.vjp(lambda uu, a, b: _expert_ffn(uu, a, b, policy), u, w1, w2)
-      du, d1, d2 = vjp(gy.astype(jnp.dtype(policy.dtype)))
-      new = (add_at(acc[0], e, d1.astype(acc[0].dtype)), add_at(acc[1], e, d2.astype(acc[1].dtype)))
-      return new, du.astype(u.dtype)
-
-    return jax.lax.cond(lv, live_block, lambda: (acc, jnp.zeros_like(u)))
-
-  acc0 = (jnp.zeros_like(gate_up), jnp.zeros_like(down))
-  (d_gate_up, d_down), d_slots = jax.lax.scan(one_block, acc0, (slots, block_expert, live, g))
-  float0 = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
-  return d_slots, float0(block_expert), float0(live), d_gate_up, d_down
+  init = (jnp.zeros_like(slots), jnp.zeros_like(gate_up), jnp.zeros_like(down))
+  d_slots, d_gate_up, d_down = jax.lax.fori_loop(0, n_live, body, init)
+  float0 = lambda a: np.zeros(np.shape(a), jax.dtypes.float0)  # noqa: E731
+  return d_slots, float0(block_expert), float0(n_live), d_gate_up, d_down
 
 
 grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
@@ -128,8 +180,8 @@ def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   1. Sort the A = N*k assignments by expert id (stable).
   2. Give each expert a run of slots padded up to a multiple of b; the total number of slots is at most
      A + E*(b-1), a static bound, so nothing is ever dropped whatever the imbalance.
-  3. Scan over the blocks: each block belongs to a single expert, whose weights are sliced dynamically;
-     blocks past the last used one are skipped. Work is ~(A + E*b) * D * I instead of N*E*D*I.
+  3. Loop over the used blocks (a dynamic trip count): each block belongs to a single expert, whose weights
+     are sliced dynamically; blocks past the last used one cost nothing. Work is ~(A + E*b) * D * I instead of N*E*D*I.
   4. Gather every assignment's output back and sum the k assignments of each token.
   """
   N, D = x.shape
@@ -156,7 +208,7 @@ def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   used = jnp.sum(padded)
   block_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), block_first_slot, side="right"), 0, E - 1)
 
-  out = grouped_ffn(slots, block_expert, block_first_slot < used, gate_up, down, policy)
+  out = grouped_ffn(slots, block_expert, used // b, gate_up, down, policy)
   y = out.reshape(n_blocks * b, D)[slot]  # [A, D]
   return y.reshape(N, k, D).sum(axis=1).astype(x.dtype)
 

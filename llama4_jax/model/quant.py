@@ -18,11 +18,15 @@ Scales are float32 (or bfloat16, `Policy.quant_scale_dtype`); the values are rou
 scale, so dequantising gives exactly the weights the quantizer meant. A matmul dequantises inside the
 jitted program (`einsum`: unpack, scale, then an ordinary einsum in the compute dtype), which XLA fuses.
 
-Quantizers: `quantize` (round-to-nearest, per-group absmax, optionally per-group clipping ratios) and
-`clip_ratios`, a per-group search over clipping ratios minimising the weighted squared output error
-sum_d h_d (W - Q(W))_d^2, with h the mean square of the matmul's input per contracted index (calibration
-activations; all ones without data: plain weight MSE). For the routed experts `observe` collects h per expert
-(of the expert input and of the down projection's input) while an eager forward runs under `calibrating`.
+Quantizers: `quantize` (round-to-nearest, per-group absmax, optionally per-group clipping ratios); a per-group
+search over clipping ratios, data-free (`clip_ratios`: the weighted weight error sum_d h_d (W - Q(W))_d^2, h all
+ones by default: plain weight MSE) or on calibration inputs X (`clip_ratios_calibrated`: the output error
+||X (W - Q(W))||^2 through H = X^T X, never above RTN's); and `gptq`, which rounds the contracted indices one by
+one, spreading each rounding error over the indices not yet rounded through the calibration inputs' second
+moments H = sum x x^T (per expert): it minimises the output error ||X (W - Q)||^2 with the correlations between
+inputs, which a per-index weighting cannot see. For the routed experts `observe` reports the experts' inputs
+while an eager forward runs under `calibrating`; `expert_input_hessians` turns them into the H of the expert
+input and of the down projection's input.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import math
 from typing import Callable
 
 import jax
@@ -40,6 +46,8 @@ SCHEMES = ("int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 DEFAULT_GROUP = 128
 CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.5, 26), 4).tolist())  # candidates of the clipping search
+GPTQ_DAMP = 0.01  # GPTQ: H + GPTQ_DAMP * mean(diag H) * 1
+GPTQ_BLOCK = 128  # GPTQ columns updated lazily per block (int8; int4 blocks are its groups)
 
 
 class QuantError(ValueError):
@@ -188,6 +196,163 @@ def clip_ratios(w: jax.Array, axis: int, scheme: str, group_size: int | None = D
   return jnp.asarray(candidates, jnp.float32)[jnp.argmin(errs, axis=0)]
 
 
+def _clip_rows(w: jax.Array, h: jax.Array, group: int, qmax: int, cands: jax.Array, scale_dtype):
+  """Clipping ratios [R, groups] of one matrix w [R, n] (rows: output channels) under the output error
+  d^T H d per row (d = w - Q(w)): every group starts at ratio 1 (RTN); then, group by group in order, each
+  row takes the candidate minimising the error given its other groups as they stand (the cross terms with
+  them included), so the error never exceeds RTN's."""
+  R, n = w.shape
+  groups = n // group
+  amax = jnp.max(jnp.abs(w.reshape(R, groups, group)), axis=2)
+
+  def qdq(x, am, r):  # x [R, G], am [R]: x rounded under scale am * r / qmax, back to floats
+    s = jnp.where(am > 0, am * r * _inv(qmax), 1.0).astype(scale_dtype).astype(jnp.float32)
+    return jnp.clip(jnp.round(x * (1.0 / s)[:, None]), -qmax, qmax) * s[:, None]
+
+  d0 = w - jax.vmap(lambda x, am: qdq(x, am, 1.0), (1, 1), 1)(w.reshape(R, groups, group), amax).reshape(R, n)
+
+  def one_group(g, carry):
+    d, ratios = carry
+    start = g * group
+    wg = jax.lax.dynamic_slice_in_dim(w, start, group, axis=1)
+    dg = jax.lax.dynamic_slice_in_dim(d, start, group, axis=1)
+    hcol = jax.lax.dynamic_slice_in_dim(h, start, group, axis=1)  # H[:, group]
+    hgg = jax.lax.dynamic_slice_in_dim(hcol, start, group, axis=0)
+    cross = d @ hcol - dg @ hgg  # [R, G]: H times the other groups' errors
+    am = amax[:, g]
+    cand = jax.vmap(lambda r: wg - qdq(wg, am, r))(cands)  # [C, R, G]
+    cost = jnp.sum((cand @ hgg) * cand, axis=2) + 2 * jnp.sum(cand * cross[None], axis=2)  # [C, R]
+    best = jnp.argmin(cost, axis=0)
+    d = jax.lax.dynamic_update_slice_in_dim(d, jnp.take_along_axis(cand, best[None, :, None], 0)[0], start, axis=1)
+    return d, ratios.at[:, g].set(cands[best])
+
+  return jax.lax.fori_loop(0, groups, one_group, (d0, jnp.ones((R, groups), jnp.float32)))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "group_size", "qmax", "scale_dtype"))
+def _clip_full(w, h, cands, *, axis, group_size, qmax, scale_dtype):
+  a = _pos(axis, w.ndim)
+  lead, n, trail = w.shape[:a], w.shape[a], w.shape[a + 1:]
+  L, R = int(np.prod(lead)), int(np.prod(trail))
+  rows = jnp.moveaxis(w.astype(jnp.float32).reshape(L, n, R), 1, 2)  # [L, R, n]
+  one = functools.partial(_clip_rows, group=group_size, qmax=qmax, cands=cands, scale_dtype=scale_dtype)
+  r = jax.lax.map(lambda x: one(*x), (rows, h.astype(jnp.float32).reshape(L, n, n)))  # [L, R, groups]
+  return jnp.moveaxis(r, 2, 1).reshape(lead + (n // group_size,) + trail)
+
+
+def clip_ratios_calibrated(w: jax.Array, axis: int, scheme: str, group_size: int | None, h: np.ndarray,
+                           candidates: tuple[float, ...] = CLIP_RATIOS, scale_dtype="float32") -> jax.Array:
+  """Per-group clipping ratios (shaped like the scale) lowering the output error ||X (W - Q(W))||^2 on
+  calibration inputs X, through H = X^T X [*w.shape[:axis], n, n] (as `gptq` takes it), cross terms between
+  groups included: a pass over the groups from RTN (all ratios 1), never above RTN's error on that data."""
+  axis = axis - w.ndim if axis >= 0 else axis
+  groups = group_count(w.shape, axis, scheme, group_size)
+  a = _pos(axis, w.ndim)
+  n = w.shape[a]
+  if np.shape(h) != w.shape[:a] + (n, n):
+    raise QuantError(f"clip statistics of shape {np.shape(h)} do not fit a weight of shape {tuple(w.shape)} "
+                     f"contracted on axis {axis} (expected {w.shape[:a] + (n, n)})")
+  return _clip_full(jnp.asarray(w), jnp.asarray(h), jnp.asarray(candidates, jnp.float32), axis=axis,
+                    group_size=n // groups, qmax=QMAX[scheme], scale_dtype=jnp.dtype(scale_dtype).name)
+
+
+def gptq_factor(h: np.ndarray, damp: float = GPTQ_DAMP) -> np.ndarray:
+  """The upper Cholesky factor U of (H + damp * mean(diag H) * 1)^-1 (U^T U = the inverse), float32, for
+  each leading index of `h` [..., n, n]; a matrix with an all-zero diagonal (no data) is taken as identity."""
+  h = np.array(h, np.float64)
+  n = h.shape[-1]
+  out = np.empty(h.shape, np.float32)
+  for i in np.ndindex(h.shape[:-2]):
+    m = h[i]
+    mean = float(np.mean(np.diag(m)))
+    m = np.eye(n) if not mean > 0 else m + damp * mean * np.eye(n)
+    inv = np.linalg.inv(np.linalg.cholesky(m))  # L^-1, so H^-1 = L^-T L^-1
+    out[i] = np.linalg.cholesky(inv.T @ inv).T
+  return out
+
+
+def _gptq_rows(w: jax.Array, u: jax.Array, block: int, qmax: int, grouped: bool, scale_dtype):
+  """GPTQ of one matrix w [R, n] (rows: output channels, columns: the contracted index) with U [n, n].
+  Columns are rounded in order; each one's error, divided by U[i, i], is taken off the later columns along
+  U[i, i+1:], within the block column by column and past it by one matmul. `grouped`: each block is one
+  group whose scale is set from the (updated) weights when it starts; else one scale per row from w."""
+  R, n = w.shape
+  col = jnp.arange(n)
+
+  def scale_of(x):
+    amax = jnp.max(jnp.abs(x), axis=1)
+    return jnp.where(amax > 0, amax * _inv(qmax), 1.0).astype(scale_dtype)
+
+  row_scale = scale_of(w)
+
+  def one_block(b, carry):
+    w, vals, scales = carry
+    start = b * block
+    wb = jax.lax.dynamic_slice_in_dim(w, start, block, axis=1)
+    ub = jax.lax.dynamic_slice(u, (start, start), (block, block))
+    s = scale_of(wb) if grouped else row_scale
+    s32 = s.astype(jnp.float32)
+    inv_s = 1.0 / s32
+
+    def one_col(j, c):
+      wb, vb, eb = c
+      x = wb[:, j]
+      v = jnp.clip(jnp.round(x * inv_s), -qmax, qmax)
+      e = (x - v * s32) / ub[j, j]
+      wb = wb - e[:, None] * jnp.where(jnp.arange(block) > j, ub[j], 0.0)[None, :]
+      return wb, vb.at[:, j].set(v.astype(jnp.int8)), eb.at[:, j].set(e)
+
+    init = (wb, jnp.zeros((R, block), jnp.int8), jnp.zeros((R, block), jnp.float32))
+    _, vb, eb = jax.lax.fori_loop(0, block, one_col, init)
+    rows = jax.lax.dynamic_slice_in_dim(u, start, block, axis=0)  # U[block, :], applied to the later columns
+    w = w - eb @ jnp.where(col[None, :] >= start + block, rows, 0.0)
+    vals = jax.lax.dynamic_update_slice_in_dim(vals, vb, start, axis=1)
+    scales = jax.lax.dynamic_update_index_in_dim(scales, s, b, axis=1) if grouped else scales
+    return w, vals, scales
+
+  nb = n // block
+  init = (w, jnp.zeros((R, n), jnp.int8), jnp.zeros((R, nb if grouped else 1), scale_dtype))
+  _, vals, scales = jax.lax.fori_loop(0, nb, one_block, init)
+  return vals, (scales if grouped else row_scale[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "scheme", "group_size", "scale_dtype"))
+def _gptq(w, u, *, axis, scheme, group_size, scale_dtype):
+  a = _pos(axis, w.ndim)
+  lead, n, trail = w.shape[:a], w.shape[a], w.shape[a + 1:]
+  L, R = int(np.prod(lead)), int(np.prod(trail))
+  rows = jnp.moveaxis(w.astype(jnp.float32).reshape(L, n, R), 1, 2)  # [L, R, n]
+  grouped = scheme == "int4"
+  block = group_size if grouped else math.gcd(n, GPTQ_BLOCK)
+  one = functools.partial(_gptq_rows, block=block, qmax=QMAX[scheme], grouped=grouped, scale_dtype=scale_dtype)
+  vals, scales = jax.lax.map(lambda x: one(*x), (rows, u.reshape(L, n, n)))  # one lead index (expert) at a time
+  v = jnp.moveaxis(vals, 2, 1).reshape(w.shape)
+  s = jnp.moveaxis(scales, 2, 1).reshape(lead + (scales.shape[-1],) + trail)
+  return v, s
+
+
+def gptq(w: jax.Array, axis: int, scheme: str, group_size: int | None = DEFAULT_GROUP, h: np.ndarray | None = None,
+         scale_dtype="float32", damp: float = GPTQ_DAMP) -> Quantized:
+  """GPTQ (Frantar et al. 2022): quantise the contracted axis of `w` index by index, each rounding error spread
+  over the not yet quantised indices so as to minimise the output error ||X (W - Q)||^2 on calibration inputs
+  X, through H = X^T X: `h` [*w.shape[:axis], n, n] (one per leading index, e.g. per expert), dampened by
+  `damp` times its mean diagonal. int4: groups of `group_size` along the axis, each group's scale fixed from
+  the updated weights when the group starts. `h` None (identity): the same bytes as `quantize` (RTN)."""
+  axis = axis - w.ndim if axis >= 0 else axis
+  group_count(w.shape, axis, scheme, group_size)
+  a = _pos(axis, w.ndim)
+  n = w.shape[a]
+  if h is None:
+    h = np.broadcast_to(np.eye(n, dtype=np.float32), w.shape[:a] + (n, n))
+  h = np.asarray(h)
+  if h.shape != w.shape[:a] + (n, n):
+    raise QuantError(f"GPTQ statistics of shape {h.shape} do not fit a weight of shape {tuple(w.shape)} "
+                     f"contracted on axis {axis} (expected {w.shape[:a] + (n, n)})")
+  v, s = _gptq(jnp.asarray(w), jnp.asarray(gptq_factor(h, damp)), axis=axis, scheme=scheme,
+               group_size=group_size if scheme == "int4" else None, scale_dtype=jnp.dtype(scale_dtype).name)
+  return Quantized(v if scheme == "int8" else pack_int4(v, axis), s, axis)
+
+
 def einsum(eqn: str, x: jax.Array, w: Quantized, dtype, precision=None, contracted: tuple[int, ...] = (),
            out_dtype=None) -> jax.Array:
   """x (already in the compute dtype) against a `Quantized` weight, dequantised to `dtype` in the program.
@@ -235,19 +400,21 @@ def observe(x, idx, scores, gate_up, down) -> None:
   obs(x, idx, scores, gate_up, down)
 
 
-def expert_input_stats(x, idx, scores, gate_up, down) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per expert: (sum of u^2 over its tokens [E, D], sum of a^2 [E, I] with a = swiglu(u @ gate, u @ up) the
-  down projection's input, token counts [E]); u = x * score, as the experts see it. float32 weights."""
+def np_swiglu(g: np.ndarray, up: np.ndarray) -> np.ndarray:
+  return g / (1 + np.exp(-g)) * up
+
+
+def expert_input_hessians(x, idx, scores, gate_up) -> tuple[np.ndarray, np.ndarray]:
+  """Per expert, the GPTQ statistics H = sum over its tokens of u u^T [E, D, D] (u = x * score, the expert's
+  input) and of a a^T [E, I, I] (a = swiglu(u @ gate, u @ up), the down projection's input); float32."""
   x, idx, scores = (np.asarray(a, np.float32) for a in (x, idx, scores))
   gu = np.asarray(gate_up.dequantize() if isinstance(gate_up, Quantized) else gate_up, np.float32)
-  E, D = gu.shape[0], gu.shape[1]
-  hu, ha, n = np.zeros((E, D)), np.zeros((E, gu.shape[-1])), np.zeros(E)
+  E, D, I = gu.shape[0], gu.shape[1], gu.shape[-1]
+  hu, ha = np.zeros((E, D, D), np.float32), np.zeros((E, I, I), np.float32)
   for e in range(E):
     tok, slot = np.nonzero(idx == e)
-    if not len(tok):
-      continue
-    u = x[tok] * scores[tok, slot][:, None]
-    g, up = u @ gu[e, :, 0], u @ gu[e, :, 1]
-    a = g / (1 + np.exp(-g)) * up
-    hu[e], ha[e], n[e] = (u * u).sum(0), (a * a).sum(0), len(tok)
-  return hu, ha, n
+    if len(tok):
+      u = x[tok] * scores[tok, slot][:, None]
+      a = np_swiglu(u @ gu[e, :, 0], u @ gu[e, :, 1])
+      hu[e], ha[e] = u.T @ u, a.T @ a
+  return hu, ha

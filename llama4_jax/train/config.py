@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 from llama4_jax import config as C
+from llama4_jax.config import LoraConfig  # re-exported: experiment configs import it from here
 from sharding.mesh import MeshConfig
 
 
@@ -100,20 +101,11 @@ class DistillConfig:
   alpha_end: float = 0.0  # soft-target weight at the last step (linear, cosine) or when the CE gap closes
   schedule: str = "constant"  # "constant" | "linear" | "cosine" | "adaptive" (see above)
   teacher_dtype: str = ""  # teacher parameters and compute dtype ("bfloat16"); "": the student's policy
+  teacher_quant: str = ""  # online teacher's routed experts and MLPs held as "int8" / "int4" (weight-only,
+  #   quantised in memory after loading, round to nearest); "": as stored
+  teacher_quant_group: int = 128  # int4 group size along the contracted axis (must divide it)
   topk_dir: str = ""  # precomputed teacher top-k logits (`distill.precompute_topk`); "": the teacher runs online
   topk: int = 64  # logits kept per token by `precompute_topk`
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """Low-rank adapters (`llama4_jax.train.lora`): W + (alpha / rank) * A @ B on the target weights, the base
-  frozen, optimizer state for the adapters only (and the router when `train_router`)."""
-
-  targets: tuple[str, ...] = ("q", "k", "v", "o")  # of: q k v o (attention), shared (shared expert),
-  #                                                   mlp (dense MLPs), experts (routed, per expert)
-  rank: int = 8  # r
-  alpha: float = 16.0  # the update is scaled by alpha / rank
-  train_router: bool = False  # the MoE routers get full updates too
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,9 @@ schedules are listed on `DistillConfig`). The KL is masked like the CE (padding,
 Two sources of teacher logits:
   online     the teacher (any directory `llama4_jax.load` reads, any size or number of experts, same
              tokenizer) runs in the same jitted step: its parameters are a frozen argument of the step
-             (sharded by the same rules as the student's, optionally in bfloat16), its output under
-             `stop_gradient`, its logits made chunk by chunk beside the student's.
+             (sharded by the same rules as the student's, optionally in bfloat16 and / or with its
+             experts and MLPs as int8 / int4, `teacher_quant`), its output under `stop_gradient`, its logits
+             made chunk by chunk beside the student's.
   top-k      `precompute_topk` runs the teacher once over the run's batches (the train iterator is
              deterministic in the data config and seed) and writes its top-k logits, their ids and the
              teacher's per-token CE to `topk_dir` next to the data; `TopkReader` streams them batch by batch
@@ -28,12 +29,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import sharding
 from llama4_jax import config as config_lib
 from llama4_jax.data.tokenizers import Tokenizer, load_tokenizer
+from llama4_jax.io import quantize as quantize_io
 from llama4_jax.io.load import load, resolve
-from llama4_jax.model import llama4
+from llama4_jax.model import llama4, quant
+from llama4_jax.model.text import enable_selection_bias
 from llama4_jax.train import data
 from llama4_jax.train.config import DistillConfig, Experiment
 from llama4_jax.train.losses import chunked_distill_sums
@@ -56,6 +60,8 @@ def validate(cfg: DistillConfig) -> None:
       raise ValueError(f"distill.{name}={getattr(cfg, name)}: must lie in [0, 1]")
   if not cfg.teacher and not cfg.topk_dir:
     raise ValueError("distill: set distill.teacher (a checkpoint directory) or distill.topk_dir (precomputed logits)")
+  if cfg.teacher_quant not in ("", *quant.SCHEMES):
+    raise ValueError(f"distill.teacher_quant={cfg.teacher_quant!r}: expected '' or one of {', '.join(quant.SCHEMES)}")
 
 
 def alpha(cfg: DistillConfig, step: jax.Array, total_steps: jax.Array, ce_student: jax.Array,
@@ -113,6 +119,9 @@ def check_tokenizer(path: str, teacher_tok: Tokenizer | None, student_tok: Token
 
 
 def teacher_policy(cfg: DistillConfig, policy: config_lib.Policy) -> config_lib.Policy:
+  """The student's policy with the teacher's dtype; the storage fields (int8 / int4, FP8 experts: a QLoRA
+  student's base) are the teacher's own (its directory, `teacher_quant`)."""
+  policy = dataclasses.replace(policy, quant="none", expert_fp8=False)
   if not cfg.teacher_dtype:
     return policy
   return dataclasses.replace(policy, param_dtype=cfg.teacher_dtype, dtype=cfg.teacher_dtype)
@@ -128,10 +137,39 @@ def load_teacher(cfg: DistillConfig, student: config_lib.Llama4Config, policy: c
   check_tokenizer(cfg.teacher, load_tokenizer(tfile) if tfile else None, tokenizer, tcfg.text.vocab_size,
                   student.text.vocab_size)
   tpol = teacher_policy(cfg, policy)
-  shardings = sharding.param_shardings(llama4.abstract(tcfg, tpol), rules, mesh, warn=False)
-  model = load(cfg.teacher, policy=tpol, shardings=shardings, text_only=True).model
+  info = source.info if source.kind == "model" else {}
+  stored = (info.get("quant") or {}).get("scheme") or ("fp8" if info.get("fp8") else "")
+  if cfg.teacher_quant and stored and stored != cfg.teacher_quant:
+    raise ValueError(f"distill.teacher_quant={cfg.teacher_quant!r}: the teacher {cfg.teacher} is stored as "
+                     f"{stored!r}; set distill.teacher_quant='' to use it as stored")
+  lpol = quantize_io.policy_for(info, dataclasses.replace(tpol, expert_fp8=bool(info.get("fp8"))), cfg.teacher)
+  shardings = sharding.param_shardings(llama4.abstract(tcfg, lpol), rules, mesh, warn=False)
+  model = load(cfg.teacher, policy=lpol, shardings=shardings, text_only=True).model
+  description = source.describe()
+  if cfg.teacher_quant and not stored:
+    qpol = quantize_io.serving_policy(cfg.teacher_quant, cfg.teacher_quant_group, targets=("experts", "mlp"),
+                                      base=tpol)
+    model = quantised(model, tcfg, qpol, rules, mesh)
+    description += f" (experts and MLPs quantised to {cfg.teacher_quant})"
   parts, params, frozen, bias = ModelParts.split(model)
-  return Teacher(parts, (params, frozen, bias), tcfg, source.describe())
+  return Teacher(parts, (params, frozen, bias), tcfg, description)
+
+
+def quantised(model: nnx.Module, cfg: config_lib.Llama4Config, qpolicy: config_lib.Policy, rules, mesh) -> nnx.Module:
+  """`model` (float) with the weights `qpolicy` names quantised (round to nearest, leaf by leaf on the host),
+  placed by `rules` on `mesh`; selection biases carried over."""
+  plan = quantize_io.Plan.of(cfg, qpolicy)
+  target = llama4.abstract(cfg, qpolicy)
+  _, _, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    enable_selection_bias(target)
+  graphdef, qabs, _ = nnx.split(target, nnx.Param, ...)
+  shardings = dict(nnx.to_flat_state(sharding.param_shardings(qabs, rules, mesh, warn=False)))
+  flat = dict(nnx.to_flat_state(qabs))
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for p, v in plan.items(path, np.asarray(jax.device_get(var.get_value()))):
+      flat[p] = flat[p].replace(jax.device_put(jnp.asarray(v, flat[p].dtype), shardings[p].get_value()))
+  return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())), rest)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -114,9 +114,12 @@ class Setup:
 def setup(exp: Experiment, devices, log, t_start: float) -> Setup:
   """Mesh, rules, architecture, corpus (writes tokenizer.json, and experiment.json on process 0), the
   abstract train state with its shardings, the jitted steps, the checkpointer and the batch iterator."""
-  quantize.refuse_training(exp.policy)
-  if exp.policy.expert_fp8:
-    raise ValueError("policy.expert_fp8: FP8-stored expert weights are for inference; train with policy.fp8='train'")
+  exp = _with_base_policy(exp)
+  if not exp.lora:  # a quantised / FP8 base trains only frozen, under LoRA adapters (QLoRA)
+    quantize.refuse_training(exp.policy)
+    if exp.policy.expert_fp8:
+      raise ValueError("policy.expert_fp8: FP8-stored expert weights cannot be trained in full; train LoRA adapters "
+                       "on them (set the experiment's lora), or train in full with policy.fp8='train'")
   run_dir = os.path.abspath(os.path.join(exp.run.out_dir, exp.name))
   mesh = sharding.make_mesh(exp.mesh, devices)  # first: multi-host runs initialise jax.distributed here
   main = jax.process_index() == 0
@@ -150,6 +153,20 @@ def setup(exp: Experiment, devices, log, t_start: float) -> Setup:
                corpus=corpus, counts=counts, freeze=freeze, parts=parts, tx=tx, shardings=shardings,
                batch_sharding=batch_sh, train_step=train_step, eval_step=eval_step, ck=ck,
                it=data.train_iterator(corpus, exp.data), drops=DropMonitor(), distill=plan)
+
+
+def _with_base_policy(exp: Experiment) -> Experiment:
+  """A LoRA run from `run.init_from` keeps the base as that directory stores it: a quantised (int8 / int4) or
+  FP8-expert model directory switches the policy's storage fields on (QLoRA; a conflicting policy is a
+  QuantError naming both). The experiment recorded in the run then says how its checkpoints hold the base."""
+  if not (exp.lora and exp.run.init_from):
+    return exp
+  source = resolve(exp.run.init_from)
+  info = source.info if source.kind == "model" else {}
+  policy = quantize.policy_for(info, exp.policy, source.path)
+  if info.get("fp8"):
+    policy = dataclasses.replace(policy, expert_fp8=True)
+  return dataclasses.replace(exp, policy=policy)
 
 
 def _size(template) -> int:
@@ -227,9 +244,10 @@ def _fresh_params(exp: Experiment, cfg, rules, mesh, freeze: bool) -> tuple[dict
   (every device reads its own slice; floating leaves cast to the policy's parameter dtype)."""
   shardings = sharding.param_shardings(llama4.abstract(cfg, exp.policy), rules, mesh, warn=False)
   if exp.run.init_from:
-    if resolve(exp.run.init_from).info.get("fp8"):
+    if resolve(exp.run.init_from).info.get("fp8") and not exp.lora:
       raise ValueError(f"run.init_from={exp.run.init_from}: holds FP8 expert weights (converted with --keep-fp8, "
-                       f"for inference); convert the release without --keep-fp8 to fine-tune it")
+                       f"for inference); convert the release without --keep-fp8 to fine-tune it, or train LoRA "
+                       f"adapters on it (set the experiment's lora)")
     model = load(exp.run.init_from, policy=exp.policy, shardings=shardings, text_only=cfg.vision is None).model
   else:
     model = llama4.init(cfg, exp.policy, seed=exp.run.seed, shardings=shardings)

@@ -12,7 +12,10 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
   gradient), whatever their logits."""
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  # The target's logit by a compare against the vocabulary index (fused into one pass over the logits, and
+  # its gradient an elementwise select), not a gather, whose gradient scatters into a zeroed [B, T, V].
+  hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None].astype(jnp.int32)
+  target_logit = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
   m = mask.astype(jnp.float32)
   nll = jnp.where(m > 0, lse - target_logit, 0.0)
   return jnp.sum(nll * m), jnp.sum(m)

@@ -20,6 +20,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 import sharding
+from llama4_jax.io.targets import fill as _fill
 from llama4_jax.model.text import SelectionBias
 
 
@@ -28,11 +29,6 @@ def trainable_filter(freeze_vision: bool):
   if not freeze_vision:
     return nnx.Param
   return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision")), nnx.Not(nnx.PathContains("projector")))
-
-
-def _fill(template: nnx.State, pure: dict) -> nnx.State:
-  flat = traversals.flatten_mapping(pure)
-  return nnx.from_flat_state([(path, var.replace(flat[path])) for path, var in nnx.to_flat_state(template)])
 
 
 def _abstract(state: nnx.State) -> nnx.State:
