@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,6 @@ from llama4_jax.apps import generate as G
 from llama4_jax.apps import plan as plan_lib
 from llama4_jax.model import cache as cache_lib
 from llama4_jax.model import llama4
-from sharding import params as sp
 from sharding import rules as R
 
 # one chunked RoPE layer (attention chunk 8), one global NoPE layer with temperature tuning
@@ -50,24 +50,10 @@ def test_quantize_kv_matches_numpy_reference():
   assert np.all(err <= s[..., None] / 2 * (1 + 1e-6))
 
 
-def _randomise(state: nnx.State, seed: int) -> nnx.State:
-  """Weights at O(1) activation scale (the 0.02 init gives near-uniform logits, too close to call greedily)."""
-  rng = np.random.default_rng(seed)
-
-  def one(var):
-    names = sp.logical_names(var)
-    fan_in = [d for d, n in zip(var.shape, names) if n not in ("layers", "experts")][0]
-    z = rng.standard_normal(var.shape)
-    w = 1.0 + 0.2 * z if "norm" in names else z if names[0] == "vocab" else z / np.sqrt(fan_in)
-    return var.replace(jnp.asarray(w * (3.0 if "router" in names else 1.0), var.dtype))
-
-  return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
 @functools.cache
 def _model(moe_impl: str = "sorted"):
   graph, state = nnx.split(llama4.init(CFG, C.Policy(attention_block=16, moe_impl=moe_impl), seed=0))
-  return nnx.merge(graph, _randomise(state, 1))
+  return nnx.merge(graph, helpers.randomise(state, 1))
 
 
 def _prompts(seed: int):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,16 +96,6 @@ def test_adapters_are_placed_like_their_base_weights_under_the_presets(model):
                             for s in routed for k in "ab")
 
 
-def _random_adapters(parts, params, seed=1):
-  """Adapters with non-zero B (a trained-looking update)."""
-  flat = traversals.flatten_mapping(params)
-  rng = np.random.default_rng(seed)
-  for p, v in flat.items():
-    if p[0] == "lora" and p[-1] == "b":
-      flat[p] = jnp.asarray(rng.standard_normal(v.shape) * 0.05, v.dtype)
-  return traversals.unflatten_mapping(flat)
-
-
 def _logits(m, ids):
   return np.asarray(m.forward(ids).logits)
 
@@ -115,7 +106,7 @@ def test_merged_checkpoint_gives_the_adapter_logits(model, tmp_path):
   ids = jnp.asarray(np.random.default_rng(0).integers(3, 320, (2, 24)), jnp.int32)
   base = _logits(model, ids)
   np.testing.assert_allclose(_logits(parts.merge(params, frozen, bias), ids), base, atol=1e-6)  # B = 0
-  params = _random_adapters(parts, params)
+  params = helpers.random_lora_b(params)
   adapted = _logits(parts.merge(params, frozen, bias), ids)
   assert np.abs(adapted - base).max() > 1e-2  # the adapters matter
   merged_dir = lora.save_merged(str(tmp_path / "merged"), parts, params, frozen, _cfg())

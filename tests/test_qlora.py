@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,15 +62,6 @@ def _parts(model, **kw):
   return lora.LoraParts.build(model, tc.LoraConfig(**{"targets": TARGETS, "rank": 4, "alpha": 8.0, **kw}))
 
 
-def _randomised_b(params, seed=1):
-  flat = traversals.flatten_mapping(params)
-  rng = np.random.default_rng(seed)
-  for p, v in flat.items():
-    if p[0] == "lora" and p[-1] == "b":
-      flat[p] = jnp.asarray(rng.standard_normal(v.shape) * 0.05, v.dtype)
-  return traversals.unflatten_mapping(flat)
-
-
 def _batch(seed=0, B=2, T=16):
   ids = np.random.default_rng(seed).integers(3, 320, (B, T + 1))
   return {"inputs": jnp.asarray(ids[:, :-1], jnp.int32), "targets": jnp.asarray(ids[:, 1:], jnp.int32),
@@ -95,7 +87,7 @@ def test_lora_on_a_quantised_base_equals_lora_on_its_dequantised_float_model(sch
   qparts = _parts(qmodel, targets=targets)
   assert {s.stored for s in qparts.specs if s.target in ("experts", "shared", "mlp")} == {scheme}
   params, frozen, bias = qparts.split_values(qmodel, seed=0)
-  params = _randomised_b(params)
+  params = helpers.random_lora_b(params)
   held = {np.dtype(x.dtype) for x in jax.tree.leaves(frozen)}
   assert held >= ({np.dtype(jnp.float8_e4m3fn)} if scheme == "fp8" else {np.dtype(np.int8)})  # kept as stored
 
@@ -213,7 +205,7 @@ def test_a_cached_forward_of_the_adapted_int4_model_matches_the_whole_sequence()
   qmodel = llama4.init(_cfg(), _quant_policy("int4"), seed=0)
   parts = _parts(qmodel)
   params, frozen, bias = parts.split_values(qmodel, seed=0)
-  params = _randomised_b(params)
+  params = helpers.random_lora_b(params)
   ids = _batch()["inputs"]
 
   @jax.jit

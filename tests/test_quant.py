@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 
+import helpers
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -24,7 +25,6 @@ from llama4_jax.io import quantize as qio
 from llama4_jax.io.load import load
 from llama4_jax.model import llama4, quant
 from llama4_jax.model.layers import einsum
-from sharding import params as sp
 from sharding import rules as R
 
 B, T = 4, 20  # T > 2 * attention_chunk_size (8): the chunk-local attention path runs
@@ -39,20 +39,6 @@ def _two_layers(cfg: C.Llama4Config) -> C.Llama4Config:
 
 
 MODELS = {"scout": _two_layers(C.TINY_SCOUT), "maverick": _two_layers(C.TINY_MAVERICK)}
-
-
-def randomise(state: nnx.State, seed: int) -> nnx.State:
-  """Every float weight redrawn at O(1) activation scale (the 0.02 init makes everything ~0)."""
-  rng = np.random.default_rng(seed)
-
-  def one(var):
-    names = sp.logical_names(var)
-    fan_in = [d for d, n in zip(var.shape, names) if n not in ("layers", "experts")][0]
-    z = rng.standard_normal(var.shape)
-    w = 1.0 + 0.2 * z if "norm" in names else z if names[0] == "vocab" else z / np.sqrt(fan_in)
-    return var.replace(jnp.asarray(w * (3.0 if "router" in names else 1.0), var.dtype))
-
-  return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,7 +306,7 @@ def _states(name: str, scheme: str, group: int = 16, targets=("experts",), impl:
   cfg, base = MODELS[name], dataclasses.replace(F32, moe_impl=impl)
   qpolicy = qio.serving_policy(scheme, group, targets=targets, base=base)
   fgraph, fstate = nnx.split(llama4.abstract(cfg, base))
-  fstate = randomise(fstate, 3)
+  fstate = helpers.randomise(fstate, 3)
   plan = qio.Plan.of(cfg, qpolicy)
   qgraph, qabs = nnx.split(llama4.abstract(cfg, qpolicy))
   qflat = dict(nnx.to_flat_state(qabs))
@@ -382,7 +368,7 @@ def test_quantized_logits_under_expert_parallelism_on_8_devices(preset, scheme):
 def _float_dir(tmp_path, name="scout"):
   cfg = MODELS[name]
   graph, state = nnx.split(llama4.abstract(cfg, F32))
-  state = randomise(state, 5)
+  state = helpers.randomise(state, 5)
   return cfg, model_dir.save_params(str(tmp_path / "float"), nnx.state(nnx.merge(graph, state), nnx.Param), cfg)
 
 
