@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
+from llama4_jax import config as C
 from sharding import params as sp
 
 
@@ -34,3 +37,13 @@ def random_lora_b(params: dict, seed: int = 1) -> dict:
     if p[0] == "lora" and p[-1] == "b":
       flat[p] = jnp.asarray(rng.standard_normal(v.shape) * 0.05, v.dtype)
   return traversals.unflatten_mapping(flat)
+
+
+def two_layers(cfg: C.Llama4Config) -> C.Llama4Config:
+  """A tiny preset cut to one period of two layers (one chunked RoPE layer, one global NoPE layer), text only."""
+  text = dataclasses.replace(cfg.text, num_hidden_layers=2, no_rope_layer_interval=2, no_rope_layers=(),
+                             moe_layers=None)
+  return dataclasses.replace(cfg, text=text, vision=None)
+
+
+TWO_LAYER_MODELS = {"scout": two_layers(C.TINY_SCOUT), "maverick": two_layers(C.TINY_MAVERICK)}

@@ -31,14 +31,7 @@ B, T = 4, 20  # T > 2 * attention_chunk_size (8): the chunk-local attention path
 F32 = C.Policy(matmul_precision="highest")
 
 
-def _two_layers(cfg: C.Llama4Config) -> C.Llama4Config:
-  """The tiny presets cut to one period of two layers (as tests/test_sharding.py)."""
-  text = dataclasses.replace(cfg.text, num_hidden_layers=2, no_rope_layer_interval=2, no_rope_layers=(),
-                             moe_layers=None)
-  return dataclasses.replace(cfg, text=text, vision=None)
-
-
-MODELS = {"scout": _two_layers(C.TINY_SCOUT), "maverick": _two_layers(C.TINY_MAVERICK)}
+MODELS = helpers.TWO_LAYER_MODELS
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,13 +35,7 @@ from sharding import rules as R
 POLICY = C.Policy(matmul_precision="highest")
 
 
-def _two_layers(cfg: C.Llama4Config) -> C.Llama4Config:
-  text = dataclasses.replace(cfg.text, num_hidden_layers=2, no_rope_layer_interval=2, no_rope_layers=(),
-                             moe_layers=None)
-  return dataclasses.replace(cfg, text=text, vision=None)
-
-
-MODELS = {"scout": _two_layers(C.TINY_SCOUT), "maverick": _two_layers(C.TINY_MAVERICK)}
+MODELS = helpers.TWO_LAYER_MODELS
 B, T = 8, 20  # T > 2 * attention_chunk_size (8): the chunk-local attention path runs
 TOL = 1e-5
 LAYOUTS = {  # rules preset -> mesh on the 8 devices
