@@ -74,13 +74,13 @@ def block_size(assignments: int, experts: int, max_block: int) -> int:
   return min(max_block, 1 << math.ceil(math.log2(target)))
 
 
-def _block_weights(gate_up, down, e):
-  """Expert e's weights (its values and scales, for `fp8.Stored` ones)."""
-  return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False), (gate_up, down))
-
-
 def _block(a: jax.Array, i) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+
+def _block_weights(gate_up, down, e):
+  """Expert e's weights (its values and scales, for `fp8.Stored` ones)."""
+  return jax.tree.map(lambda w: _block(w, e), (gate_up, down))
 
 
 def _grouped_loop(slots, block_expert, n_live, gate_up, down, policy, keep_h: bool):
