@@ -7,12 +7,15 @@ DATA    := data
 SHAKESPEARE := $(DATA)/shakespeare/.unpacked
 ARGS    ?=
 
-# glibc malloc: serve large buffers from the heap and keep freed memory for reuse. XLA:CPU allocates its large
-# per-call buffers afresh; from glibc's default (a fresh mmap per buffer) each one page-faults in, which made
-# the CPU train step ~2x slower (docs/BENCHMARKS.md, "Model vs transformers"). Every target inherits it (the
-# torch reference in the benchmarks too). Set the same two variables when running python directly.
+# glibc malloc: serve large buffers from the heap, keep freed memory for reuse, and use one arena. XLA:CPU
+# allocates its large per-call buffers afresh; from glibc's default (a fresh mmap per buffer) each one
+# page-faults in, which made the CPU train step ~2x slower; with per-thread arenas the buffers of a program's
+# outputs (allocated on XLA's worker threads) still page-faulted in every call (the MoE weight gradients:
+# 200 MB per call), one arena reuses them (docs/BENCHMARKS.md, "Model vs transformers"). Every target inherits
+# them (the torch reference in the benchmarks too). Set the same three variables when running python directly.
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
+export MALLOC_ARENA_MAX ?= 1
 
 .PHONY: setup lint test test-all train eval convert bench bench-gpu plan clean distill lora
 

@@ -12,6 +12,10 @@ for them is the bf16 row. The fp8 row holds the routed experts as float8_e4m3fn 
 and per-token FP8 activations (`Policy.expert_fp8`), built in memory from the float weights. Calibration
 ("int4 clip+calib", "int4 GPTQ") uses the first --calib-tokens (GPTQ also --gptq-tokens) tokens of the training
 works (never the held-out ones).
+"KL vs fp32": mean over the first --kl-tokens held-out tokens of KL(p_fp32 || p_variant) of the next-token
+distributions (nats per token), and "top-1 = fp32" the share of those tokens whose most likely next token is
+the fp32 model's: model-level measures that, unlike perplexity, do not average signed changes away (the bf16
+row is the floor every bfloat16-compute variant starts from).
 "routed-expert output error": sum ||y_q - y||^2 / sum ||y||^2 of the routed experts' outputs (float64, numpy)
 on what they receive over the first --error-tokens held-out tokens: a finer measure than perplexity of how
 close each quantizer stays to the float experts.
@@ -26,6 +30,7 @@ import re
 import tempfile
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -91,6 +96,25 @@ def expert_inputs(run: str, ids: np.ndarray, window: int) -> dict[tuple, list]:
   return seen
 
 
+def next_token_logprobs(model, ids: np.ndarray, window: int) -> np.ndarray:
+  """Log-probabilities [T, V] (float32) of the next token after each of `ids`, in windows of `window` tokens."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, x):
+    logits = nnx.merge(graphdef, state).forward(x).logits.astype(jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1)[0]
+
+  n = len(ids) // window * window
+  return np.concatenate([np.asarray(run(state, jnp.asarray(ids[None, a:a + window]))) for a in range(0, n, window)])
+
+
+def kl_and_agreement(ref: np.ndarray, lp: np.ndarray) -> tuple[float, float]:
+  """(mean KL(p_ref || p) in nats per token, share of tokens with the same argmax) of log-probabilities [T, V]."""
+  kl = np.sum(np.exp(ref) * (ref - lp), axis=-1, dtype=np.float64)
+  return float(kl.mean()), float(np.mean(ref.argmax(-1) == lp.argmax(-1)))
+
+
 def _experts_out(x, idx, scores, gu, dn):
   """Routed-expert output (float64 numpy) of one layer: gate_up [E, D, 2, I], down [E, I, D]."""
   y = np.zeros_like(x, np.float64)
@@ -132,11 +156,13 @@ def dequantised_leaves(directory: str) -> dict:
 
 def rows_table(rows: list[dict], ref_bf16: float) -> str:
   lines = ["| variant | routed experts (and MLPs) | stored routed-expert bytes | perplexity | vs bf16 | bits/byte | "
-           "routed-expert output error |", "|---|---|---:|---:|---:|---:|---:|"]
+           "KL vs fp32 (nats/token) | top-1 = fp32 | routed-expert output error |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     rel = (r["ppl"] / ref_bf16 - 1) * 100
     lines.append(f"| {r['name']} | {r['experts']} | {r['expert_bytes'] / 1e6:.2f} MB | {r['ppl']:.3f} | "
-                 f"{rel:+.2f}% | {r['bpb']:.4f} | {_err(r.get('output_error'))} |")
+                 f"{rel:+.2f}% | {r['bpb']:.4f} | {r['kl']:.2e} | {100 * r['top1']:.2f}% | "
+                 f"{_err(r.get('output_error'))} |")
   return "\n".join(lines)
 
 
@@ -161,6 +187,7 @@ def main(argv=None) -> int:
   ap.add_argument("--gptq-tokens", type=int, default=8192, help="calibration tokens of the larger GPTQ rows")
   ap.add_argument("--prompts", type=int, default=3)
   ap.add_argument("--error-tokens", type=int, default=2048, help="held-out tokens of the output-error column")
+  ap.add_argument("--kl-tokens", type=int, default=16384, help="held-out tokens of the KL and top-1 columns")
   ap.add_argument("--new-tokens", type=int, default=40)
   ap.add_argument("--json", help="also write the results here")
   ap.add_argument("--update-docs", action="store_true", help=f"rewrite the quality section of {DOCS}")
@@ -173,7 +200,10 @@ def main(argv=None) -> int:
   seq = args.seq_len or json.load(open(os.path.join(args.run, "experiment.json")))["data"]["seq_len"]
   prompts = [p[-200:] for p in sample_prompts(texts, args.prompts)]
   results, gens = [], {}
-  held_out = np.asarray(tok.encode(texts[0], bos=True)[: args.error_tokens], np.int32)
+  held_ids = np.asarray(tok.encode("\n".join(texts), bos=True), np.int32)
+  held_out = held_ids[: args.error_tokens]
+  kl_ids = held_ids[: args.kl_tokens]
+  ref_lp = next_token_logprobs(base.model, kl_ids, seq)
   inputs = expert_inputs(args.run, held_out, seq)
   floats = dequantised_leaves(os.path.join(args.run, "checkpoints", str(max(
       int(e) for e in os.listdir(os.path.join(args.run, "checkpoints")) if e.isdigit()))))
@@ -182,8 +212,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     lm = E.evaluate_lm(model, tok, texts, seq_len=seq, batch_size=8)
     outs = G.generate_text(model, tok, prompts, chat=False, max_new_tokens=args.new_tokens)
+    kl, top1 = kl_and_agreement(ref_lp, next_token_logprobs(model, kl_ids, seq))
     r = {"name": name, "experts": experts, "ppl": lm.perplexity, "bpb": lm.bits_per_byte, "tokens": lm.tokens,
-         "expert_bytes": expert_bytes(model), "seconds": time.perf_counter() - t0}
+         "kl": kl, "top1": top1, "kl_tokens": len(ref_lp), "expert_bytes": expert_bytes(model),
+         "seconds": time.perf_counter() - t0}
     results.append(r)
     gens[name] = outs
     print(json.dumps(r), flush=True)
@@ -236,7 +268,8 @@ def main(argv=None) -> int:
   if args.update_docs:
     header = (f"`python -m benchmarks.quant_quality{' --max-docs ' + str(args.max_docs) if args.max_docs else ''}` "
               f"on `{args.run}` ({len(texts)} held-out works, {results[0]['tokens']:,} scored tokens, windows of "
-              f"{seq}); int4 group size {args.group_size}.\n\n")
+              f"{seq}); int4 group size {args.group_size}; KL and top-1 over the first {results[0]['kl_tokens']:,} "
+              f"held-out tokens.\n\n")
     body = f"{BEGIN}\n{header}{table}\n" + "\n".join(samples) + f"\n{END}"
     doc = open(DOCS).read()
     doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, doc, flags=re.S) if BEGIN in doc else (

@@ -83,43 +83,56 @@ def _block_weights(gate_up, down, e):
   return jax.tree.map(lambda w: _block(w, e), (gate_up, down))
 
 
-def _grouped_loop(slots, block_expert, n_live, gate_up, down, policy, keep_h: bool):
-  """The forward over the first `n_live` blocks (a loop with a dynamic trip count: dead blocks cost nothing and
-  stay zero); with `keep_h`, also each block's gate/up projection [n, b, 2, I] for the backward."""
+def _runs(expert_blocks: jax.Array) -> jax.Array:
+  """The first block of each expert: its blocks are contiguous and the experts in order."""
+  return jnp.cumsum(expert_blocks) - expert_blocks
+
+
+def _grouped_loop(slots, expert_blocks, gate_up, down, policy, keep_h: bool):
+  """The forward: a loop over the experts, slicing each one's weights once, and inside it a loop over that
+  expert's blocks (dynamic trip counts: blocks past the last used one cost nothing and stay zero); with
+  `keep_h`, also each block's gate/up projection [n, b, 2, I] for the backward."""
   dt = jnp.dtype(policy.dtype)
   n, b, _ = slots.shape
   I = down.shape[-2]
+  first = _runs(expert_blocks)
   out = jnp.zeros_like(slots, dtype=dt)  # *_like: inside shard_map the buffers vary over the axes slots do
   hs = jnp.zeros_like(slots, dtype=dt, shape=(n, b, 2, I)) if keep_h else None
 
-  def body(i, carry):
-    out, hs = carry
-    w1, w2 = _block_weights(gate_up, down, block_expert[i])
-    h = _gate_up(_block(slots, i), w1, policy)
-    out = jax.lax.dynamic_update_index_in_dim(out, _down(h, w2, policy), i, 0)
-    if keep_h:
-      hs = jax.lax.dynamic_update_index_in_dim(hs, h, i, 0)
-    return out, hs
+  def expert(e, carry):
+    w1, w2 = _block_weights(gate_up, down, e)
 
-  return jax.lax.fori_loop(0, n_live, body, (out, hs))
+    def block(i, carry):
+      out, hs = carry
+      h = _gate_up(_block(slots, i), w1, policy)
+      out = jax.lax.dynamic_update_index_in_dim(out, _down(h, w2, policy), i, 0)
+      if keep_h:
+        hs = jax.lax.dynamic_update_index_in_dim(hs, h, i, 0)
+      return out, hs
 
+    return jax.lax.fori_loop(first[e], first[e] + expert_blocks[e], block, carry)
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def grouped_ffn(slots: jax.Array, block_expert: jax.Array, n_live: jax.Array, gate_up: jax.Array,
-                down: jax.Array, policy: Policy) -> jax.Array:
-  """Expert FFN on token blocks: slots [n, b, D], block i uses expert block_expert[i]; only the first n_live
-  blocks are computed (the rest give zeros). A loop over blocks slicing one expert's weights at a time.
-
-  The backward pass is written by hand, from the gate/up projections the forward kept: per live block, the
-  input gradient and the block's weight gradients (two matmuls each for the down and gate/up projections,
-  twice the forward's work), the latter added in place into its expert's slice of the accumulators (automatic
-  differentiation of the dynamic weight slice would add a zero-padded [E, ...] gradient per block)."""
-  return _grouped_loop(slots, block_expert, n_live, gate_up, down, policy, keep_h=False)[0]
+  return jax.lax.fori_loop(0, expert_blocks.shape[0], expert, (out, hs))
 
 
-def _grouped_fwd(slots, block_expert, n_live, gate_up, down, policy):
-  out, hs = _grouped_loop(slots, block_expert, n_live, gate_up, down, policy, keep_h=True)
-  return out, (slots, block_expert, n_live, gate_up, down, hs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def grouped_ffn(slots: jax.Array, expert_blocks: jax.Array, gate_up: jax.Array, down: jax.Array,
+                policy: Policy) -> jax.Array:
+  """Expert FFN on token blocks: slots [n, b, D], expert e owning the next expert_blocks[e] blocks (experts in
+  order, blocks contiguous); blocks past sum(expert_blocks) give zeros. Loops over the experts, slicing one
+  expert's weights at a time, and over its blocks.
+
+  The backward pass is written by hand, from the gate/up projections the forward kept: per block, the input
+  gradient and the block's weight gradients (two matmuls each for the down and gate/up projections, twice the
+  forward's work), summed per expert in float32 in the inner loop's carry and written once per expert
+  (automatic differentiation of the dynamic weight slice would add a zero-padded [E, ...] gradient per block;
+  adding into an [E, ...] accumulator per block reads and writes the expert's whole slice every block)."""
+  return _grouped_loop(slots, expert_blocks, gate_up, down, policy, keep_h=False)[0]
+
+
+def _grouped_fwd(slots, expert_blocks, gate_up, down, policy):
+  out, hs = _grouped_loop(slots, expert_blocks, gate_up, down, policy, keep_h=True)
+  return out, (slots, expert_blocks, gate_up, down, hs)
 
 
 def _dot(a, b, contract: tuple[int, int], policy: Policy):
@@ -127,49 +140,73 @@ def _dot(a, b, contract: tuple[int, int], policy: Policy):
                              preferred_element_type=jnp.dtype(policy.dtype))
 
 
-def _block_vjp(u, h, gy, w1, w2, policy):
-  """One block's (du, d_gate_up, d_down) from its input u [b, D], kept gate/up projection h [b, 2, I] and output
-  gradient gy [b, D]. Without an FP8 recipe, written out so that each weight slice is the left operand in its
-  stored layout (W @ g^T, transposing the small [b, .] operands: XLA:CPU otherwise copies the transposed
-  [D, 2I] slice every block); with one, through `einsum`'s own gradient."""
+def _block_vjp(u_t, h, gy, w1, w2, policy):
+  """One block's (du, d_gate_up, d_down) from its input u_t [D, b] (transposed), kept gate/up projection h
+  [b, 2, I] and output gradient gy [b, D]. Without an FP8 recipe, written out so that every matmul has a form
+  XLA:CPU runs at full speed: the weight slice on the left in its stored layout (W @ g^T), the token operand of a
+  weight gradient transposed beforehand (XLA:CPU otherwise copies the transposed [D, 2I] slice every block, or
+  runs the contraction over the block's tokens at ~3/4 speed); with one, through `einsum`'s own gradient."""
   dt = jnp.dtype(policy.dtype)
   a, swiglu_vjp = jax.vjp(swiglu, h[:, 0], h[:, 1])
   if fp8.resolve(policy.fp8) != "off":
     da, d2 = jax.vjp(lambda a, w: einsum("...bI,...ID->...bD", a, w, policy), a, w2)[1](gy)
-    du, d1 = jax.vjp(lambda u, w: _gate_up(u, w, policy), u, w1)[1](jnp.stack(swiglu_vjp(da), axis=1))
+    du, d1 = jax.vjp(lambda u, w: _gate_up(u, w, policy), u_t.T, w1)[1](jnp.stack(swiglu_vjp(da), axis=1))
     return du, d1, d2
   D, _, I = w1.shape
   da = _dot(w2.astype(dt), gy, (1, 1), policy).T  # [b, I]
   dh = jnp.concatenate(swiglu_vjp(da), axis=-1)  # [b, 2I]
   du = _dot(w1.reshape(D, 2 * I).astype(dt), dh, (1, 1), policy).T  # [b, D]
-  d1 = _dot(u.astype(dt), dh, (0, 0), policy).reshape(D, 2, I)
+  d1 = _dot(u_t.astype(dt), dh, (1, 0), policy).reshape(D, 2, I)
   return du, d1, _dot(a, gy, (0, 0), policy)  # d_down [I, D]
 
 
 def _grouped_bwd(policy, res, g):
-  """Per live block, from the gate/up projection the forward kept: the input gradient, and the weight gradients
-  added into the block's expert's slice of the accumulators."""
-  slots, block_expert, n_live, gate_up, down, hs = res
+  """Per expert (its weights sliced once), per block of it, from the gate/up projection the forward kept: the
+  input gradient, and the weight gradients summed in the inner loop from the expert's first block (no zeros to
+  add to); the experts' sums are stacked by `scan`. An expert without blocks gets zeros."""
+  slots, expert_blocks, gate_up, down, hs = res
   dt = jnp.dtype(policy.dtype)
+  first = _runs(expert_blocks)
+  slots_t = jnp.swapaxes(slots, 1, 2)  # [n, D, b], once: the weight gradients contract over the tokens
 
-  def add_at(acc, e, d):
-    return jax.lax.dynamic_update_index_in_dim(acc, _block(acc, e) + d.astype(acc.dtype), e, 0)
+  def vjp(i, w1, w2):
+    return _block_vjp(_block(slots_t, i), _block(hs, i), _block(g, i).astype(dt), w1, w2, policy)
 
-  def body(i, carry):
-    d_slots, d1_acc, d2_acc = carry
-    e = block_expert[i]
-    du, d1, d2 = _block_vjp(_block(slots, i), _block(hs, i), _block(g, i).astype(dt),
-                            *_block_weights(gate_up, down, e), policy)
-    d_slots = jax.lax.dynamic_update_index_in_dim(d_slots, du.astype(d_slots.dtype), i, 0)
-    return d_slots, add_at(d1_acc, e, d1), add_at(d2_acc, e, d2)
+  def expert(d_slots, e):
+    w1, w2 = _block_weights(gate_up, down, e)
 
-  init = (jnp.zeros_like(slots), jnp.zeros_like(gate_up), jnp.zeros_like(down))
-  d_slots, d_gate_up, d_down = jax.lax.fori_loop(0, n_live, body, init)
-  float0 = lambda a: np.zeros(np.shape(a), jax.dtypes.float0)  # noqa: E731
-  return d_slots, float0(block_expert), float0(n_live), d_gate_up, d_down
+    def block(i, carry):
+      d_slots, d1, d2 = carry
+      du, b1, b2 = vjp(i, w1, w2)
+      d_slots = jax.lax.dynamic_update_index_in_dim(d_slots, du.astype(d_slots.dtype), i, 0)
+      return d_slots, d1 + b1.astype(d1.dtype), d2 + b2.astype(d2.dtype)
+
+    def run(d_slots):
+      du, d1, d2 = vjp(first[e], w1, w2)
+      d_slots = jax.lax.dynamic_update_index_in_dim(d_slots, du.astype(d_slots.dtype), first[e], 0)
+      init = (d_slots, d1.astype(jnp.float32), d2.astype(jnp.float32))
+      return jax.lax.fori_loop(first[e] + 1, first[e] + expert_blocks[e], block, init)
+
+    def empty(d_slots):
+      return d_slots, jnp.zeros_like(w1, dtype=jnp.float32), jnp.zeros_like(w2, dtype=jnp.float32)
+
+    d_slots, d1, d2 = jax.lax.cond(expert_blocks[e] > 0, run, empty, d_slots)
+    return d_slots, (d1.astype(gate_up.dtype), d2.astype(down.dtype))
+
+  d_slots, (d_gate_up, d_down) = jax.lax.scan(expert, jnp.zeros_like(slots), jnp.arange(expert_blocks.shape[0]))
+  return d_slots, np.zeros(np.shape(expert_blocks), jax.dtypes.float0), d_gate_up, d_down
 
 
 grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def _scaled(x: jax.Array, scores: jax.Array) -> jax.Array:
+  """Each assignment's expert input x[token] * score [N * k, D], as a 2-D product: the gradient of the scores
+  is then a row sum of a 2-D array (over a [N, k, D] broadcast, XLA:CPU's reduction took 3 ms instead of 0.3 ms
+  for 2048 tokens, k = 1, D = 512)."""
+  N, k = scores.shape
+  rows = x if k == 1 else jnp.repeat(x, k, axis=0)
+  return rows * scores.reshape(N * k, 1)
 
 
 def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array, down: jax.Array,
@@ -180,8 +217,8 @@ def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   1. Sort the A = N*k assignments by expert id (stable).
   2. Give each expert a run of slots padded up to a multiple of b; the total number of slots is at most
      A + E*(b-1), a static bound, so nothing is ever dropped whatever the imbalance.
-  3. Loop over the used blocks (a dynamic trip count): each block belongs to a single expert, whose weights
-     are sliced dynamically; blocks past the last used one cost nothing. Work is ~(A + E*b) * D * I instead of N*E*D*I.
+  3. Loop over the experts, slicing each one's weights once, and over its blocks (dynamic trip counts):
+     blocks past the last used one cost nothing. Work is ~(A + E*b) * D * I instead of N*E*D*I.
   4. Gather every assignment's output back and sum the k assignments of each token.
   """
   N, D = x.shape
@@ -201,14 +238,10 @@ def sorted_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   slot = jnp.zeros((A,), jnp.int32).at[order].set(slot_of_sorted.astype(jnp.int32))  # slot per assignment
 
   # Inputs: each slot holds x[token] * score, or zeros.
-  u = (x[:, None, :] * scores[:, :, None]).reshape(A, D)
+  u = _scaled(x, scores)
   slots = jnp.zeros((n_blocks * b, D), x.dtype).at[slot].set(u)
   slots = slots.reshape(n_blocks, b, D)
-  block_first_slot = jnp.arange(n_blocks) * b
-  used = jnp.sum(padded)
-  block_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(padded), block_first_slot, side="right"), 0, E - 1)
-
-  out = grouped_ffn(slots, block_expert, used // b, gate_up, down, policy)
+  out = grouped_ffn(slots, (padded // b).astype(jnp.int32), gate_up, down, policy)
   y = out.reshape(n_blocks * b, D)[slot]  # [A, D]
   return y.reshape(N, k, D).sum(axis=1).astype(x.dtype)
 
@@ -223,7 +256,7 @@ def ragged_experts(x: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax
   flat_e = idx.reshape(N * k)
   order = jnp.argsort(flat_e, stable=True)
   sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
-  u = (x[:, None, :] * scores[:, :, None]).reshape(N * k, D)[order]
+  u = _scaled(x, scores)[order]
   dt = jnp.dtype(policy.dtype)
   act = lambda a: a.astype(dt)  # noqa: E731
   if isinstance(gate_up, fp8.Stored):  # stored FP8 experts: their scales, activations quantised per token
