@@ -18,3 +18,23 @@ def test_quick_suite_and_doc_update(tmp_path):
   assert "hand-written text" in first and all(t in first for t in run_all.TITLES.values())
   run_all.update_docs(r, str(doc))
   assert doc.read_text() == first  # blocks replaced in place, nothing appended twice
+
+
+def test_quant_quality_kl_and_top1_agreement():
+  """The KL and top-1 columns of benchmarks/quant_quality.py: KL(p || q) = cross-entropy - entropy of the
+  normalised probabilities (float64), zero against itself, and the share of rows whose argmax agrees."""
+  import numpy as np
+
+  from benchmarks.quant_quality import kl_and_agreement
+
+  r = np.random.RandomState(0)
+  logits = r.randn(64, 9)
+  other = logits + 0.5 * r.randn(64, 9)
+  log_softmax = lambda z: z - np.log(np.exp(z).sum(-1, keepdims=True))  # noqa: E731
+  ref, lp = log_softmax(logits).astype(np.float32), log_softmax(other).astype(np.float32)
+  p, q = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), np.exp(other) / np.exp(other).sum(-1, keepdims=True)
+  expected = float(np.mean(-(p * np.log(q)).sum(-1) + (p * np.log(p)).sum(-1)))
+  kl, top1 = kl_and_agreement(ref, lp)
+  assert kl > 0.01 and abs(kl - expected) < 1e-5 * expected
+  assert top1 == float(np.mean(logits.argmax(-1) == other.argmax(-1))) and 0 < top1 < 1
+  assert kl_and_agreement(ref, ref) == (0.0, 1.0)
