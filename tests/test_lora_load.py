@@ -1,6 +1,6 @@
 """`llama4_jax.load` of LoRA outputs: a LoRA run directory, one of its steps (float or int4 base) and an
 adapter directory give the logits of the run's merged/ model; an adapter directory whose base is missing is
-refused naming it."""
+refused naming it. A QLoRA run resumed from a checkpoint continues bitwise."""
 
 from __future__ import annotations
 
@@ -91,16 +91,11 @@ def test_an_adapter_directory_loads_on_its_base_and_a_missing_base_is_named(tmp_
     load(random, policy=POLICY)
 
 
-@pytest.mark.slow  # a whole QLoRA run (tokenizer, compile, checkpoints, merged/, evaluation): ~1-2 min on 2 CPUs
-def test_a_qlora_run_from_an_int4_model_directory_loads_as_its_merged_model(tmp_path):
-  """`run.init_from` an int4 model directory with a float policy: the run switches the base's storage on
-  (recorded in its experiment), keeps the base packed in its checkpoints, and `load(run_dir)` == merged/."""
+def _qlora_experiment(tmp_path, **run):
+  """An int4 model directory and a QLoRA chat experiment starting from it (float policy: the run switches the
+  base's storage on)."""
   import json
-  import os
 
-  import jax
-
-  from llama4_jax.train import loop
   from sharding.mesh import MeshConfig
 
   qpolicy = qio.serving_policy("int4", 16, targets=("experts", "mlp"), base=POLICY)
@@ -119,9 +114,25 @@ def test_a_qlora_run_from_an_int4_model_directory_loads_as_its_merged_model(tmp_
       optim=tc.OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.0),
       data=tc.DataConfig(source="chat", train_paths=(str(tmp_path / "train.jsonl"),),
                          val_paths=(str(tmp_path / "val.jsonl"),), bpe_vocab=300, seq_len=64, batch_size=4),
-      run=tc.RunConfig(steps=3, eval_every=0, ckpt_every=0, log_every=1, out_dir=str(tmp_path / "runs"),
-                       peak_flops=1e11, sample_prompt="", init_from=qdir),
+      run=tc.RunConfig(**{"steps": 3, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
+                          "out_dir": str(tmp_path / "runs"), "peak_flops": 1e11, "sample_prompt": "",
+                          "init_from": qdir, **run}),
       lora=tc.LoraConfig(targets=("q", "v", "experts"), rank=2, alpha=4.0))
+  return qdir, exp
+
+
+@pytest.mark.slow  # a whole QLoRA run (tokenizer, compile, checkpoints, merged/, evaluation): ~1-2 min on 2 CPUs
+def test_a_qlora_run_from_an_int4_model_directory_loads_as_its_merged_model(tmp_path):
+  """`run.init_from` an int4 model directory with a float policy: the run switches the base's storage on
+  (recorded in its experiment), keeps the base packed in its checkpoints, and `load(run_dir)` == merged/."""
+  import json
+  import os
+
+  import jax
+
+  from llama4_jax.train import loop
+
+  qdir, exp = _qlora_experiment(tmp_path)
   summary = loop.run(exp, log=lambda *_: None, devices=jax.devices()[:1])
   run_dir = summary["run_dir"]
   with open(os.path.join(run_dir, "experiment.json")) as f:
@@ -133,3 +144,33 @@ def test_a_qlora_run_from_an_int4_model_directory_loads_as_its_merged_model(tmp_
     s = traversals.flatten_mapping(stored)[p]
     assert np.asarray(s).dtype == np.asarray(v).dtype and np.asarray(s).tobytes() == np.asarray(v).tobytes(), p
   np.testing.assert_allclose(_logits(run_dir), _logits(os.path.join(run_dir, "merged")), rtol=1e-6, atol=1e-6)
+
+
+def test_a_resumed_qlora_run_continues_bitwise(tmp_path):
+  """A QLoRA run resumed from its step-2 checkpoint (the later one removed, as if it had been killed before
+  writing it) gives the uninterrupted run's losses of steps 3-4 and its final adapters bitwise, on the int4
+  base restored packed from the checkpoint."""
+  import os
+  import shutil
+
+  import jax
+
+  from llama4_jax.train import loop
+  from llama4_jax.train.metrics import read_jsonl
+
+  _, exp = _qlora_experiment(tmp_path, steps=4, ckpt_every=2)
+  run_dir = loop.run(exp, log=lambda *_: None, devices=jax.devices()[:1])["run_dir"]
+
+  def losses():
+    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == "train"}
+
+  want, final = losses(), model_dir.restore_params(os.path.join(run_dir, "checkpoints", "4"))
+  assert sorted(want) == [1, 2, 3, 4]
+  shutil.rmtree(os.path.join(run_dir, "checkpoints", "4"))
+  lines = []
+  loop.run(exp, resume=True, log=lines.append, devices=jax.devices()[:1])
+  assert any("resumed from step 2" in str(m) for m in lines), lines
+  assert losses() == want  # bitwise: the JSON floats are exact
+  got = traversals.flatten_mapping(model_dir.restore_params(os.path.join(run_dir, "checkpoints", "4")))
+  for p, v in traversals.flatten_mapping(final).items():  # adapters and the packed base
+    assert np.asarray(got[p]).tobytes() == np.asarray(v).tobytes(), p
