@@ -91,6 +91,21 @@ def test_an_adapter_directory_loads_on_its_base_and_a_missing_base_is_named(tmp_
     load(random, policy=POLICY)
 
 
+def test_exporting_a_lora_step_to_hf_is_refused_naming_what_to_export(tmp_path):
+  from llama4_jax.io import convert
+
+  _, parts, params, frozen = _trained(POLICY)
+  run_dir = _run_dir(tmp_path, POLICY, params, frozen)
+  with pytest.raises(CheckpointError, match=r"a LoRA run's step .* does not merge .*save_params"):
+    convert.orbax_to_hf(run_dir / "checkpoints" / "5", tmp_path / "hf")
+  merged = lora.save_merged(str(run_dir / "merged"), parts, params, frozen, _cfg())
+  with pytest.raises(CheckpointError, match=f"export the run's merged model instead: orbax-to-hf {merged} OUT"):
+    convert.orbax_to_hf(run_dir, tmp_path / "hf")
+  assert not (tmp_path / "hf").exists()
+  convert.orbax_to_hf(merged, tmp_path / "hf")  # the merged model exports
+  assert (tmp_path / "hf" / "config.json").exists()
+
+
 def _qlora_experiment(tmp_path, **run):
   """An int4 model directory and a QLoRA chat experiment starting from it (float policy: the run switches the
   base's storage on)."""

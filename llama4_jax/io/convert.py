@@ -215,6 +215,17 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
 # Orbax -> HF
 
 
+def _lora_export_hint(source) -> str:
+  """Why a LoRA step / adapter directory is not exported as it is, and what to export instead."""
+  what = "LoRA adapters" if source.kind == "adapter" else "a LoRA run's step (adapters + frozen base)"
+  merged = os.path.join(source.run_dir, "merged") if source.run_dir else None
+  if merged and os.path.isdir(merged):
+    return f"{what}: export the run's merged model instead: orbax-to-hf {merged} OUT"
+  return (f"{what}, which orbax-to-hf does not merge (it streams tensor by tensor): save the merged model first, "
+          "`m = llama4_jax.load(DIR).model; llama4_jax.io.model_dir.save_params(MERGED, nnx.state(m, nnx.Param), "
+          "m.cfg)`, then export MERGED")
+
+
 def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
                 max_shard_size: int | str = "5GB", overwrite: bool = False, strict: bool = False) -> Stats:
   """Exports an Orbax model directory, training step or run (its latest step) as a HF directory
@@ -226,6 +237,8 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | Non
   if source.kind == "hf":
     raise CheckpointError(f"{source.path}: already a HF directory; orbax-to-hf takes a model directory, a "
                           "training step or a run")
+  if source.lora:
+    raise CheckpointError(f"{source.path}: {_lora_export_hint(source)}")
   check_destination(dst, source.path, source.directory)
   cfg = source.config
   reader = orbax_store.ParamReader(source.params_dir)
