@@ -38,3 +38,21 @@ def test_quant_quality_kl_and_top1_agreement():
   assert kl > 0.01 and abs(kl - expected) < 1e-5 * expected
   assert top1 == float(np.mean(logits.argmax(-1) == other.argmax(-1))) and 0 < top1 < 1
   assert kl_and_agreement(ref, ref) == (0.0, 1.0)
+
+
+def test_moe_matmul_floor_counts_its_six_matmuls():
+  """benchmarks/moe_paths.floor: the forward's two and the backward's four matmuls, each timed at its fastest;
+  the ratio is (forward + backward) / forward of those times, and the GFLOP/s divide 2 * blocks * b * 3 D I
+  (forward) and twice that (backward)."""
+  from benchmarks import moe_paths
+
+  f = moe_paths.floor(hidden=16, width=8, experts=4, blocks=3, b=8, rounds=2)
+  ms = f["ms"]
+  assert set(ms) == {"gate_up", "down", "d_swiglu", "d_tokens", "d_gate_up", "d_down"} and min(ms.values()) > 0
+  fwd, bwd = ms["gate_up"] + ms["down"], sum(ms.values()) - ms["gate_up"] - ms["down"]
+  assert abs(f["fwd_ms"] - fwd) < 1e-9 and abs(f["bwd_ms"] - bwd) < 1e-9
+  assert abs(f["ratio"] - (fwd + bwd) / fwd) < 1e-9
+  assert abs(f["gflops"]["fwd"] - 2 * 3 * 8 * 3 * 16 * 8 / (fwd * 1e-3) / 1e9) < 1e-9
+  calls = []
+  best = moe_paths.fastest({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+  assert calls == ["a", "b"] * 4 and set(best) == {"a", "b"}  # a warm-up round, then turns
