@@ -34,6 +34,7 @@ from llama4_jax import config as C
 from llama4_jax.model import moe
 
 IMPLS = ("sorted", "ragged", "dense")
+FLOOR_ROUNDS = 15  # rounds of `fastest` for the floor and the sorted path's ratio: each is 10-200 ms, noise comes in bursts
 
 
 def layer(impl: str, policy: C.Policy, k: int):
@@ -78,7 +79,7 @@ def measure(tokens: int = 2048, hidden: int = 512, width: int = 512, experts=(8,
       t_g, runs_g = median_s(lambda g=g, a=args: jax.block_until_ready(g(*a)), runs, budget_s=budget_s)
       if impl == "sorted":
         best = fastest({"f": lambda f=f, a=args: jax.block_until_ready(f(*a)),
-                        "g": lambda g=g, a=args: jax.block_until_ready(g(*a))}, max(3, runs))
+                        "g": lambda g=g, a=args: jax.block_until_ready(g(*a))}, FLOOR_ROUNDS)
         row["sorted_fastest"] = {"fwd_ms": 1e3 * best["f"], "fwd_bwd_ms": 1e3 * best["g"],
                                  "ratio": best["g"] / best["f"]}
       row[impl] = {"fwd_ms": 1e3 * t_f, "fwd_bwd_ms": 1e3 * t_g, "runs": [len(runs_f), len(runs_g)],
@@ -86,7 +87,7 @@ def measure(tokens: int = 2048, hidden: int = 512, width: int = 512, experts=(8,
                    "fwd_bwd_gflops": 3 * flops_fwd / t_g / 1e9, "max_abs_diff_vs_sorted": err}
       log(f"  moe E={E} {impl}: fwd {1e3 * t_f:.1f} ms, fwd+bwd {1e3 * t_g:.1f} ms")
     blocks, b = _filled_blocks(args[0], args[1], E, top_k, policy)
-    row["floor"] = floor(D, I, E, blocks, b, rounds=max(3, runs))
+    row["floor"] = floor(D, I, E, blocks, b, rounds=FLOOR_ROUNDS)
     log(f"  moe E={E} matmul-only floor: {row['floor']['ratio']:.2f}x ({blocks} blocks of {b})")
     for impl in ("dense", "ragged"):
       row[f"sorted_speedup_vs_{impl}"] = {

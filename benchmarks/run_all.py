@@ -172,7 +172,7 @@ def sections(r: dict) -> dict[str, str]:
       moe_paths.table(r["moe_paths"]), "",
       "The sorted path's matmuls alone (`moe_paths.floor`): the forward's two and the backward's four at the "
       "block size and operand forms `moe.grouped_ffn` uses, on the blocks this routing fills, each looped over "
-      f"those blocks with one expert's weights; fastest of {max(3, r['params']['runs_moe'])} interleaved rounds. "
+      f"those blocks with one expert's weights; fastest of {moe_paths.FLOOR_ROUNDS} interleaved rounds. "
       "Their (fwd+bwd)/fwd is the sorted path's ratio with every non-matmul cost at zero; the last column is the "
       "sorted path's own ratio, fastest of interleaved forward / forward + backward calls.", "",
       moe_paths.floor_table(r["moe_paths"])])
