@@ -34,7 +34,7 @@ from llama4_jax import config as C
 from llama4_jax.model import moe
 
 IMPLS = ("sorted", "ragged", "dense")
-FLOOR_ROUNDS = 15  # rounds of `fastest` for the floor and the sorted path's ratio: each is 10-200 ms, noise comes in bursts
+FLOOR_ROUNDS = 15  # rounds of `fastest` for the floor and the sorted ratio: each call 10-200 ms, noise in bursts
 
 
 def layer(impl: str, policy: C.Policy, k: int):

@@ -151,7 +151,8 @@ def sections(r: dict) -> dict[str, str]:
       "Speedup = transformers' time / our time (> 1: ours faster). \"of own f32 ceiling\" = achieved model "
       f"GFLOP/s / the {c['n']}^3 float32 matmul rate of the same framework in this run (JAX {ceil:.0f}, torch "
       f"{c['torch_gflops']:.0f} GFLOP/s). Forward: median of {r['params']['runs_fwd']}, train step: median of "
-      f"{r['params']['runs_train']}, after one warm-up call (fewer where a call is slow: the JSON has the counts).",
+      f"{r['params']['runs_train']} (and its fastest call), after one warm-up call (fewer where a call is slow: the "
+      "JSON has the counts and times).",
       "",
       model_vs_torch.table(mvt, ceil, c["torch_gflops"]), "",
       *cfg_lines, "",
@@ -236,7 +237,7 @@ def _write(path: str, text: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def run(quick: bool = False, runs_fwd: int = 5, runs_train: int = 3, runs_moe: int = 3) -> dict:
+def run(quick: bool = False, runs_fwd: int = 5, runs_train: int = 5, runs_moe: int = 3) -> dict:
   t0 = time.perf_counter()
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731 (progress on stderr, tables on stdout)
   r = {"quick": quick, "load_average": {"start": os.getloadavg()}, "machine": machine(),
@@ -263,7 +264,7 @@ def main(argv=None) -> None:
   ap.add_argument("--update-docs", action="store_true", help=f"rewrite the generated blocks of {DOC}")
   ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
   ap.add_argument("--runs-fwd", type=int, default=5)
-  ap.add_argument("--runs-train", type=int, default=3)
+  ap.add_argument("--runs-train", type=int, default=5)
   ap.add_argument("--runs-moe", type=int, default=3)
   args = ap.parse_args(argv)
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
