@@ -16,8 +16,7 @@ The matmul-only floor (`floor`): the sorted path's matmuls alone, on the blocks 
 block size and operand forms `moe.grouped_ffn` uses: the forward's two (tokens x gate_up, swiglu x down) and the
 backward's four (two input gradients, two weight gradients), each in a loop of its own over the blocks with
 one expert's weights (no slicing, no elementwise work, no accumulation). (forward + backward) / forward of
-those times bounds the sorted path's ratio from below whatever the rest costs: it is the ratio at zero
-non-matmul cost.
+those times is the sorted path's ratio with every non-matmul cost at zero.
 """
 
 from __future__ import annotations
