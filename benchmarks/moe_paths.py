@@ -100,10 +100,11 @@ def _dot(a, b, contract: tuple[int, int]):
   return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision="highest")
 
 
-def _loop(fn, xs, w):
-  """A compiled program running `fn(xs[i], w[i] or w)` for every i in one loop, each result overwriting the last."""
+def _loop(fn, xs, w, per_block: bool = False):
+  """A compiled program running `fn(xs[i], w[i] if per_block else w)` for every i in one loop, each result
+  overwriting the last."""
   n = xs.shape[0]
-  w_of = (lambda i: w[i]) if w.shape[0] == n else (lambda i: w)  # noqa: E731
+  w_of = (lambda i: w[i]) if per_block else (lambda i: w)  # noqa: E731
 
   def run(xs, w):
     return jax.lax.fori_loop(1, n, lambda i, o: fn(xs[i], w_of(i)), fn(xs[0], w_of(0)))
@@ -137,8 +138,8 @@ def floor(hidden: int, width: int, experts: int, blocks: int, b: int, rounds: in
            "down": _loop(lambda x, w: _dot(x, w, (1, 0)), a, w2),
            "d_swiglu": _loop(lambda g, w: _dot(w, g, (1, 1)), gy, w2),
            "d_tokens": _loop(lambda g, w: _dot(w, g, (1, 1)), dh, w1),
-           "d_gate_up": _loop(lambda x, g: _dot(x, g, (1, 0)), jnp.swapaxes(u, 1, 2), dh),
-           "d_down": _loop(lambda x, g: _dot(x, g, (0, 0)), a, gy)}
+           "d_gate_up": _loop(lambda x, g: _dot(x, g, (1, 0)), jnp.swapaxes(u, 1, 2), dh, per_block=True),
+           "d_down": _loop(lambda x, g: _dot(x, g, (0, 0)), a, gy, per_block=True)}
   best = fastest(progs, rounds)
   t_f = best["gate_up"] + best["down"]
   t_b = sum(best.values()) - t_f
